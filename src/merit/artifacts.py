@@ -1,0 +1,70 @@
+"""The run directory: where each stage reads its inputs and writes its artifacts.
+
+Artifacts are data: JSON files that the next stage reads and verifies, written atomically so a
+crash never leaves half a file that a later stage could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Layout of a run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data.json"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base.json"
+
+    @property
+    def sketches(self) -> Path:
+        return self.root / "calibration" / "sketches.safetensors"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration" / "calibration.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    def branch(self, k: int) -> Path:
+        return self.root / "branches" / f"branch-{k}"
+
+    def baseline(self, name: str) -> Path:
+        return self.root / "baselines" / name
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"

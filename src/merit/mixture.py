@@ -1,0 +1,189 @@
+"""A mixture of named datasets: deterministic splits and answer-only tokenization.
+
+Every stage (calibration, training, evaluation) sees the same examples tokenized the same way:
+the prompt and the answer are rendered by the model's chat template, and only the answer's tokens
+(everything the template adds after the generation prompt, end-of-turn included) carry loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merit.config import DataConfig, SplitConfig
+from merit.data import DataError, Example, LoadedDataset, bigbench_task_files, load_dataset
+
+IGNORE = -100
+SPLITS = ("eval", "calibration", "base", "train")
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: ``labels`` is ``IGNORE`` on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class MixtureDataset:
+    data: LoadedDataset
+    splits: dict[str, list[int]]  # split name -> example indices into data.examples
+    file_hash: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def examples(self, split: str) -> list[Example]:
+        return [self.data.examples[i] for i in self.splits[split]]
+
+
+@dataclass
+class Mixture:
+    datasets: list[MixtureDataset] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    def __getitem__(self, name: str) -> MixtureDataset:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+def split_indices(n: int, name: str, cfg: SplitConfig, base: int = 0) -> dict[str, list[int]]:
+    """Disjoint eval / calibration / base / train indices for a dataset of ``n`` examples.
+
+    The permutation is seeded by (seed, dataset name) only, so a dataset's split does not depend
+    on which other datasets are in the mixture. Eval and calibration take at most 1/5 of the
+    examples each; ``base`` examples are reserved for building the demo θ0 and never trained on
+    or evaluated by the run itself.
+    """
+    order = list(range(n))
+    random.Random(f"{cfg.seed}/{name}").shuffle(order)
+    n_eval = max(1, min(cfg.eval, n // 5))
+    n_cal = max(1, min(cfg.calibration, n // 5))
+    n_base = min(base, max(0, (n - n_eval - n_cal) // 2))
+    cuts = [n_eval, n_eval + n_cal, n_eval + n_cal + n_base]
+    rest = order[cuts[2] :]
+    if cfg.train is not None:
+        rest = rest[: cfg.train]
+    out = {
+        "eval": sorted(order[: cuts[0]]),
+        "calibration": sorted(order[cuts[0] : cuts[1]]),
+        "base": sorted(order[cuts[1] : cuts[2]]),
+        "train": sorted(rest),
+    }
+    if not out["train"]:
+        raise DataError(f"{name}: {n} examples leave none for training")
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (sorted by relative path)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_sources(cfg: DataConfig, bigbench_dir: Path | None) -> list[tuple[str, str, str]]:
+    """(name, path, format) of every dataset in the mixture, checked for duplicates."""
+    sources = [(d.name, d.path, d.format) for d in cfg.datasets]
+    if bigbench_dir is not None:
+        for f in bigbench_task_files(bigbench_dir):
+            name = f.name.removesuffix(".gz").removesuffix(".json")
+            if name == "task":  # a task directory: name it after the directory
+                name = f.parent.name
+            sources.append((name, str(f), "bigbench"))
+    names = [s[0] for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"two datasets have the same name: {', '.join(dupes)}")
+    sources.sort(key=lambda s: s[0])
+    if cfg.max_datasets is not None:
+        sources = sources[: cfg.max_datasets]
+    return sources
+
+
+def load_mixture(
+    cfg: DataConfig, bigbench_dir: Path | None = None, base_examples: int = 0, hashes: bool = True
+) -> Mixture:
+    """Load and split every dataset of the mixture (no tokenization)."""
+    mixture = Mixture()
+    for name, path, fmt in dataset_sources(cfg, bigbench_dir):
+        data = load_dataset(name, path, fmt)
+        splits = split_indices(len(data.examples), name, cfg.split, base_examples)
+        mixture.datasets.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
+    return mixture
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template: merit expects an instruction-tuned base model"
+        )
+
+
+def render(tokenizer, examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """(prompt text, answer text) per example, through the tokenizer's chat template.
+
+    The answer text is what the template appends after the generation prompt, so its tokens are
+    exactly the ones the model must produce at inference (end-of-turn marker included).
+    """
+    require_chat_template(tokenizer)
+    out = []
+    for ex in examples:
+        msgs = [dict(m) for m in ex.messages]
+        prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            [*msgs, {"role": "assistant", "content": ex.answer}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            # Some templates rewrite earlier turns once an answer follows; fall back to the
+            # plain answer so the loss still covers exactly the answer text.
+            out.append((prompt, ex.answer + (tokenizer.eos_token or "")))
+        else:
+            out.append((prompt, full[len(prompt) :]))
+    return out
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Encoded]:
+    """Tokenize (prompt, answer) pairs; prompts longer than the budget are cut on the left."""
+    if not pairs:
+        return []
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, a in zip(prompts, answers):
+        a = a[: max(1, max_length // 2)]
+        p = p[max(0, len(p) + len(a) - max_length) :]
+        out.append(Encoded(p + a, [IGNORE] * len(p) + a))
+    return out
+
+
+def encode(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    """Chat-template, tokenize and mask a list of examples (loss on answer tokens only)."""
+    return encode_pairs(tokenizer, render(tokenizer, examples), max_length)
+
+
+def encode_choices(tokenizer, example: Example, max_length: int) -> list[Encoded]:
+    """One sequence per multiple-choice option, scored as if it were the answer."""
+    variants = [Example(example.messages, c) for c in example.choices]
+    return encode(tokenizer, variants, max_length)

@@ -1,0 +1,91 @@
+"""Loading θ0 and its tokenizer, devices and dtypes, and θ0's fingerprint.
+
+A hub id and a local directory go through the same ``from_pretrained`` code; merit's own demo
+base model is just a local directory in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from merit.config import RuntimeConfig
+
+WEIGHT_SUFFIX = ".safetensors"
+
+
+def cache_dir(runtime: RuntimeConfig) -> Path:
+    root = runtime.cache_dir or os.environ.get("MERIT_CACHE") or "~/.cache/merit"
+    return Path(root).expanduser()
+
+
+def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    if runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(runtime.device)
+
+
+def apply_threads(runtime: RuntimeConfig) -> None:
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """'auto' keeps the checkpoint's dtype, except that CPU math runs in fp32 (bf16 is ~6x slower)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    return getattr(torch, name)
+
+
+def local_model_dir(path: str) -> Path:
+    """The local directory of a model: the path itself, or the hub snapshot (must be cached)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path}: not a model directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+        )
+    )
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, device: torch.device, dtype: str = "auto"):
+    """``AutoModelForCausalLM.from_pretrained`` on a hub id or directory, moved to ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
+    return model.to(device)
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """sha256 over θ0's config and weight files: branches and merges verify they share θ0.
+
+    Cached next to nothing: hashing a few GB takes seconds, and stages call it once.
+    """
+    model_dir = Path(model_dir)
+    files = [*sorted(model_dir.glob(f"*{WEIGHT_SUFFIX}")), model_dir / "config.json"]
+    if not files[:-1]:
+        raise FileNotFoundError(f"{model_dir}: no safetensors weights")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,127 @@
+"""Shared fixtures: a tiny instruction-tuned-style base model and a small planted mixture.
+
+Nothing here reads ../shared: a user's machine has none.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "ocean",
+    "maple",
+    "rocket",
+    "candle",
+    "forest",
+]
+
+
+def make_tasks(seed: int = 0, n: int = 60) -> dict[str, list[dict]]:
+    """Four small tasks in two conflicting families (string copying vs string reversing)."""
+    rng = random.Random(seed)
+
+    def words(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    tasks: dict[str, list[dict]] = {}
+    tasks["copy_words"] = [
+        {"prompt": f"Copy: {(w := words(3))}", "completion": w} for _ in range(n)
+    ]
+    tasks["copy_upper"] = [
+        {"prompt": f"Copy in capitals: {(w := words(2))}", "completion": w.upper()}
+        for _ in range(n)
+    ]
+    tasks["reverse_words"] = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Reverse the words: {(w := words(3))}"},
+                {"role": "assistant", "content": " ".join(reversed(w.split()))},
+            ]
+        }
+        for _ in range(n)
+    ]
+    tasks["reverse_letters"] = [
+        {"prompt": f"Reverse: {(w := rng.choice(WORDS))}", "completion": w[::-1]} for _ in range(n)
+    ]
+    return tasks
+
+
+def write_mixture(root: Path, n: int = 60) -> list[dict]:
+    """JSONL files for the four tasks plus one BIG-bench multiple-choice task; returns specs."""
+    root.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, rows in make_tasks(n=n).items():
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        specs.append({"name": name, "path": str(p)})
+    rng = random.Random(1)
+    examples = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        scores = {w: 1, w[::-1]: 0, w.upper(): 0}
+        examples.append({"input": f"Which is the word {w}?", "target_scores": scores})
+    task = {
+        "name": "pick_word",
+        "description": "pick the word",
+        "keywords": [],
+        "metrics": ["multiple_choice_grade"],
+        "preferred_score": "multiple_choice_grade",
+        "examples": examples,
+    }
+    bb = root / "pick_word.json.gz"
+    bb.write_bytes(gzip.compress(json.dumps(task).encode()))
+    specs.append({"name": "pick_word", "path": str(bb)})
+    return specs
+
+
+def build_tiny_base(path: Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny Llama with a locally trained tokenizer and chat template, saved like a hub model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from merit.demo import build_tokenizer
+
+    tok = build_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixture_specs(tmp_path_factory) -> list[dict]:
+    return write_mixture(tmp_path_factory.mktemp("mixture"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    texts = []
+    for rows in make_tasks().values():
+        for r in rows:
+            texts.append(json.dumps(r))
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", texts)
