@@ -96,12 +96,108 @@ class CalibrationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     sketch_dim: int = Field(2**18, ge=16, description="CountSketch buckets d")
     seed: int = 0
+    microbatches: int = Field(
+        8,
+        ge=1,
+        description="disjoint parts of each dataset's calibration examples whose sketches are "
+        "kept too, to measure plan stability (1 = none)",
+    )
+    microbatch_dim: int = Field(
+        2**14, ge=16, description="buckets kept per part sketch (folded; must divide sketch_dim)"
+    )
+    streaming: bool = Field(
+        True,
+        description="sketch each parameter's gradient as soon as it is accumulated (no full "
+        "gradient copy); false = accumulate, then sketch (exact |g|²)",
+    )
+
+    @model_validator(mode="after")
+    def _fold(self) -> CalibrationConfig:
+        if self.microbatch_dim < self.sketch_dim and self.sketch_dim % self.microbatch_dim:
+            raise ValueError(
+                f"microbatch_dim={self.microbatch_dim} must divide sketch_dim={self.sketch_dim}"
+            )
+        return self
 
 
 class PlanningConfig(_Section):
     """Conflict-aware split (paper §3.2): PCA of the cosine matrix, recursive median splits."""
 
     rank: int = Field(2, ge=0, le=10, description="r PCA axes; K = 2^r groups")
+    k: int | None = Field(
+        None, ge=1, description="K groups, any number (splitters gain, random); null = 2^rank"
+    )
+    splitter: Literal["median", "sign", "random", "gain", "auto"] = Field(
+        "median",
+        description="median (paper), sign, random (balanced), gain (any-K partition maximising "
+        "the predicted merging gain), auto (the best candidate under `objective`)",
+    )
+    objective: Literal["gain", "merged_loss"] = Field(
+        "gain",
+        description="what `auto` optimises: the predicted merging gain (paper) or the predicted "
+        "merged loss on held-out calibration batches (needs hessian: true)",
+    )
+    balance_tolerance: float = Field(
+        0.1, ge=0, lt=1, description="each group's samples within (1 ± this) × total / K"
+    )
+    bootstrap: int = Field(
+        20, ge=0, description="resampled plans for stability (needs microbatches ≥ 2; 0 = off)"
+    )
+    stability_threshold: float = Field(
+        0.8, ge=0, le=1, description="warn when resampled plans agree below this ARI"
+    )
+    hessian: bool = Field(
+        False,
+        description="predict gain and merged loss with the true Hessian (HVPs at θ0); holds one "
+        "gradient per dataset, so small models only",
+    )
+    hessian_examples: int = Field(
+        4, ge=1, description="held-out calibration examples per dataset for the HVPs"
+    )
+    horizon: float | None = Field(
+        None,
+        gt=0,
+        description="gradient-flow time τ of a branch for absolute predictions; null = the "
+        "held-out line-search step along the mean gradient",
+    )
+    seed: int = 0
+
+    @property
+    def groups(self) -> int:
+        """K: ``k`` if set, else 2^rank."""
+        return self.k if self.k is not None else 2**self.rank
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanningConfig:
+        k = self.groups
+        if self.splitter in ("median", "sign") and k & (k - 1):
+            raise ValueError(
+                f"splitter={self.splitter} makes K = 2^r groups, not K={k}; use gain or random"
+            )
+        if self.splitter == "auto" and self.objective == "merged_loss" and not self.hessian:
+            raise ValueError(
+                "objective=merged_loss needs hessian: true (under H = I the predicted merged "
+                "loss does not depend on the split)"
+            )
+        return self
+
+
+class LoraConfig(_Section):
+    """LoRA branches (PEFT): each branch trains low-rank adapters ΔW = s·B·A on θ0's linear layers.
+
+    Merging averages the scaled products s·B_k·A_k, not A and B separately (the average of
+    products is not the product of averages); see ``merit.lora``.
+    """
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(
+        16.0, gt=0, description="scale s = alpha / r (alpha / sqrt(r) with rslora)"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; 'all-linear' = every linear but the head"
+    )
+    rslora: bool = False
 
 
 class TrainingConfig(_Section):
@@ -117,6 +213,9 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     baselines: list[Literal["joint"]] = Field(default_factory=lambda: ["joint"])
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters per branch instead of every weight; null = full"
+    )
 
 
 class MergingConfig(_Section):
@@ -140,6 +239,48 @@ class EvaluationConfig(_Section):
     )
 
 
+class DiagnosticsConfig(_Section):
+    """``merit diagnose`` / ``merit report``: measurements of a finished run (paper §4).
+
+    They read the run and change none of its artifacts, so this section is not part of the
+    experiment hash. The defaults are sized for the demo on 2 CPU cores: about 45 loss
+    evaluations and 10 Hessian-vector products (each ≈ 5 losses) on 32 held-out examples.
+    """
+
+    examples: int = Field(
+        32,
+        ge=1,
+        description="held-out (eval split) examples, spread over datasets; the same "
+        "number of train examples for the train-loss figure",
+    )
+    batch_size: int = Field(32, ge=1)
+    alphas: int = Field(5, ge=3, description="points of the α grid on [0, 1], endpoints included")
+    perturbation_scales: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0, 2.0, 4.0],
+        description="perturbation norms as multiples of ‖θ̄ − θ0‖ (σ = scale·‖θ̄ − θ0‖/√n)",
+    )
+    perturbation_draws: int = Field(1, ge=1, description="antithetic pairs (ε, −ε) per scale")
+    lanczos_iters: int = Field(6, ge=0, description="Hessian-vector products for Lanczos; 0 = off")
+    hvp: Literal["exact", "finite_difference"] = Field(
+        "finite_difference",
+        description="Hessian-vector products: central differences of gradients (fused attention, "
+        "~2× faster; ~1e-3 relative error on the demo) or exact double back-propagation",
+    )
+    hvp_step: float = Field(1e-2, gt=0, description="finite-difference step, parameter units")
+    top_eigen: int = Field(4, ge=1, description="top Hessian eigen-directions in the gain split")
+    seed: int = 0
+    # When a premise counts as holding (see merit.diagnostics.verdicts).
+    barrier_tolerance: float = Field(0.02, ge=0, description="barrier / endpoint loss")
+    flatness_tolerance: float = Field(
+        0.05, ge=0, description="loss rise at perturbation scale 1, relative"
+    )
+    distance_ratio: float = Field(1.5, gt=0, description="‖θ_joint − θ0‖ / ‖θ̄ − θ0‖ at least")
+    gain_agreement: float = Field(0.5, gt=0, description="|predicted − measured| / |measured|")
+    # Statistics of the results table (evaluate and report).
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
 class RuntimeConfig(_Section):
     """How to run; never changes results, so not part of the config hash."""
 
@@ -149,6 +290,23 @@ class RuntimeConfig(_Section):
     )
     progress: bool = True
     cache_dir: str | None = Field(None, description="null = $MERIT_CACHE or ~/.cache/merit")
+    # Branch checkpoints and launchers (issue 4). Resume is exact, so none of these changes a
+    # result: they are "how", not "what".
+    checkpoint_steps: int | None = Field(
+        50, ge=1, description="checkpoint a branch every N optimizer steps; null = never"
+    )
+    keep_checkpoints: int = Field(2, ge=2, description="newest checkpoints kept per branch")
+    launcher: Literal["inline", "local", "ray"] = Field(
+        "inline",
+        description="how `merit train` runs branches: inline (this process, one after another), "
+        "local (subprocesses, `parallel` at once) or ray",
+    )
+    parallel: int = Field(1, ge=1, description="branches at once (local launcher)")
+    retries: int = Field(3, ge=0, description="re-runs of a branch that crashed or was preempted")
+    ray_address: str | None = Field(None, description="existing Ray cluster; null = ray.init()")
+    branch_cpus: float = Field(1.0, gt=0, description="CPUs per branch task (Ray)")
+    branch_gpus: float = Field(0.0, ge=0, description="GPUs per branch task (Ray)")
+    branch_memory_gb: float | None = Field(None, gt=0, description="memory per branch task (Ray)")
 
 
 class RunConfig(_Section):
@@ -161,13 +319,42 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     merging: MergingConfig = Field(default_factory=MergingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def experiment_hash(self) -> str:
-        """sha256 of the experiment (everything but ``runtime`` and ``run_dir``)."""
-        what = self.model_dump(mode="json", exclude={"runtime", "run_dir"})
+        """sha256 of the experiment (everything but ``runtime``, ``run_dir`` and ``diagnostics``)."""
+        what = self.model_dump(mode="json", exclude={"runtime", "run_dir", "diagnostics"})
         blob = json.dumps(what, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def appended_datasets(old: RunConfig, new: RunConfig) -> list[str]:
+    """Names of the datasets ``new`` appends to ``old``'s ``data.datasets``, when that is the only
+    change to the experiment (``merit plan --add``); else a ConfigError naming what else changed."""
+    n = len(old.data.datasets)
+    trimmed = new.model_copy(deep=True)
+    trimmed.data.datasets = trimmed.data.datasets[:n]
+    if trimmed.experiment_hash() == old.experiment_hash():
+        return [d.name for d in new.data.datasets[n:]]
+    skip = {"runtime", "run_dir", "diagnostics"}
+    changed = _changed_keys(
+        old.model_dump(mode="json", exclude=skip), trimmed.model_dump(mode="json", exclude=skip)
+    )
+    raise ConfigError(
+        "only appending to data.datasets is allowed when adding datasets, but "
+        + (", ".join(changed) or "the experiment")
+        + " changed"
+    )
 
 
 def _parse_value(text: str) -> Any:

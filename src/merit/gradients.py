@@ -5,14 +5,22 @@ buckets, so <S a, S b> is an unbiased estimate of <a, b> with variance ≤ |a|²
 model size (Charikar et al. 2002). Each coordinate's bucket and sign are a pure function of
 (seed, parameter name, flat index): no index table is stored, and the sketch does not depend on
 the order in which parameters are visited nor on how a parameter is cut into chunks.
+
+Calibration streams by default: a post-accumulate-grad hook sketches each parameter's gradient as
+soon as autograd has accumulated it and frees it, so a big model never holds a full fp32 gradient
+(``GradientStream``). Each dataset's calibration examples are also cut into a few disjoint parts
+whose sketches are kept (folded to fewer buckets): by linearity their token-weighted mean is the
+dataset's sketch, and resampling them measures how much the plan depends on the sample drawn.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -56,8 +64,8 @@ class SketchSpec:
 class CountSketch:
     """Linear map R^n -> R^d; ``sketch(name, values, offset)`` adds a slice of a parameter.
 
-    Buckets and signs of a parameter are cached (5 bytes a coordinate is far less than the
-    hashing work) while the cache stays under ``cache_limit`` coordinates; beyond that they are
+    Buckets and signs of a parameter are cached (12 bytes a coordinate: far less work than
+    hashing again) while the cache stays under ``cache_limit`` coordinates; beyond that they are
     recomputed on the fly, so memory stays bounded for big models.
     """
 
@@ -153,12 +161,89 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 @dataclass
 class Calibration:
-    """Sketch of the mean answer-token gradient of one dataset, and its exact squared norm."""
+    """Sketch of the mean answer-token gradient of one dataset, and of each of its parts.
+
+    ``parts`` holds, for a few disjoint parts ("micro-batches") of the calibration examples, the
+    sketch of each part's own token-mean gradient, folded to ``part_dim`` buckets. The sketch is
+    linear, so Σ_m (n_m / N) · part_m is the dataset's sketch (folded): planning resamples parts
+    to estimate how much the plan would move with another draw of calibration samples.
+    """
 
     sketch: torch.Tensor
     sq_norm: float
     loss: float
     tokens: int
+    parts: torch.Tensor | None = None  # M × part_dim
+    part_tokens: list[int] = field(default_factory=list)
+    sq_norm_exact: bool = True  # False when streamed: |S g|², an unbiased estimate of |g|²
+    sketch_seconds: float = 0.0  # time spent sketching (for benchmarks)
+
+
+def fold(sketch: torch.Tensor, dim: int) -> torch.Tensor:
+    """The same vector's CountSketch with ``dim`` buckets, when ``dim`` divides the sketch's.
+
+    Bucket b of a d-bucket sketch is h mod d, and (h mod d) mod d' = h mod d' when d' | d; the
+    signs do not depend on d. So summing the d/d' slices is exactly the d'-bucket sketch.
+    """
+    d = sketch.shape[-1]
+    if dim == d:
+        return sketch
+    if d % dim:
+        raise ValueError(f"cannot fold a {d}-bucket sketch to {dim} buckets")
+    return sketch.reshape(*sketch.shape[:-1], d // dim, dim).sum(-2)
+
+
+def part_dim(sketch_dim: int, wanted: int) -> int:
+    """Buckets kept per part sketch: ``wanted`` when it divides the sketch, else the sketch's."""
+    return wanted if wanted < sketch_dim and sketch_dim % wanted == 0 else sketch_dim
+
+
+def split_parts(n: int, parts: int, seed: int, name: str) -> list[list[int]]:
+    """Disjoint parts of ``n`` examples, a pure function of (seed, dataset name, n).
+
+    A dataset's parts do not depend on which other datasets are calibrated with it, so a dataset
+    added later gets exactly the parts it would have had in a run planned from scratch.
+    """
+    order = list(range(n))
+    random.Random(f"{seed}/{name}/parts").shuffle(order)
+    m = max(1, min(parts, n))
+    return [sorted(order[i::m]) for i in range(m)]
+
+
+class GradientStream:
+    """Sketch each parameter's gradient as soon as autograd has accumulated it, then free it.
+
+    A post-accumulate-grad hook per parameter adds ``scale · grad`` into ``target`` and drops
+    ``.grad``: calibration holds the weights, the activations, one parameter's gradient and d
+    floats, never a full copy of the gradient (what a big model cannot afford).
+    """
+
+    def __init__(self, model, sketcher: CountSketch):
+        self.params = trainable_parameters(model)
+        self.sketcher = sketcher
+        self.target: torch.Tensor | None = None
+        self.seconds = 0.0
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(p: torch.nn.Parameter) -> None:
+            t = time.perf_counter()
+            if self.target is not None:
+                self.sketcher.add(self.target, name, p.grad)
+            p.grad = None
+            self.seconds += time.perf_counter() - t
+
+        return hook
+
+    def __enter__(self) -> GradientStream:
+        for name, p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
 
 def mean_gradient_sketch(
@@ -168,36 +253,88 @@ def mean_gradient_sketch(
     batch_size: int,
     pad_id: int,
     on_batch: Callable[[], None] | None = None,
+    parts: Sequence[Sequence[int]] | None = None,
+    fold_dim: int | None = None,
+    streaming: bool = False,
 ) -> Calibration:
     """g_t = ∇θ mean answer-token NLL over ``examples`` at the model's current weights, sketched.
 
-    Gradients of all micro-batches accumulate in ``.grad`` (each scaled by 1/total answer tokens,
-    so the sum is the token mean), then each parameter is sketched once.
+    ``parts`` (default: one part, every example) are disjoint index lists; each part's own
+    token-mean gradient is sketched too (folded to ``fold_dim`` buckets).
+
+    Accumulate-then-sketch (``streaming=False``): every micro-batch's gradient, scaled by
+    1/total answer tokens, accumulates in ``.grad``; the running total is sketched after each part
+    (part sketches are the differences, by linearity), and |g|² is exact. Streaming: hooks sketch
+    each parameter's gradient the moment it is accumulated (see ``GradientStream``); no ``.grad``
+    survives a backward pass, and |g|² is estimated by |S g|².
     """
     device = next(model.parameters()).device
-    params = trainable_parameters(model)
-    total = sum(e.answer_tokens for e in examples)
+    dim = sketcher.spec.dim
+    fold_dim = fold_dim or dim
+    parts = [list(range(len(examples)))] if parts is None else [list(p) for p in parts]
+    part_tokens = [sum(examples[i].answer_tokens for i in p) for p in parts]
+    total = sum(part_tokens)
     if total == 0:
         raise ValueError("calibration examples have no answer tokens")
     model.zero_grad(set_to_none=True)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     loss_sum = 0.0
-    for s in range(0, len(order), batch_size):
-        batch = pad_batch([examples[i] for i in order[s : s + batch_size]], pad_id, device)
-        nll = token_nll_sum(model, batch)
-        (nll / total).backward()
-        loss_sum += float(nll.detach())
-        if on_batch:
-            on_batch()
-    out = torch.zeros(sketcher.spec.dim, dtype=torch.float32, device=device)
-    sq = 0.0
-    for name, p in params:
-        if p.grad is None:
-            continue
-        sketcher.add(out, name, p.grad)
-        sq += float(p.grad.detach().float().pow(2).sum())
+    sketch_seconds = 0.0
+    part_sketches = []
+    out = torch.zeros(dim, dtype=torch.float32, device=device)
+    stream = GradientStream(model, sketcher) if streaming else None
+    prev = torch.zeros(dim, dtype=torch.float32, device=device)
+    if stream is not None:
+        stream.__enter__()
+    try:
+        for p, n_p in zip(parts, part_tokens):
+            order = sorted(p, key=lambda i: len(examples[i].input_ids))
+            part = torch.zeros(dim, dtype=torch.float32, device=device)
+            if stream is not None:
+                stream.target = part
+            for s in range(0, len(order), batch_size):
+                batch = pad_batch([examples[i] for i in order[s : s + batch_size]], pad_id, device)
+                nll = token_nll_sum(model, batch)
+                # Streaming sketches each part's token mean directly; accumulating keeps the
+                # dataset's token mean in .grad (so |g|² is exact) and differences it per part.
+                (nll / (max(n_p, 1) if stream is not None else total)).backward()
+                loss_sum += float(nll.detach())
+                if on_batch:
+                    on_batch()
+            if stream is None:
+                t = time.perf_counter()
+                cum = torch.zeros(dim, dtype=torch.float32, device=device)
+                for name, q in trainable_parameters(model):
+                    if q.grad is not None:
+                        sketcher.add(cum, name, q.grad)
+                sketch_seconds += time.perf_counter() - t
+                part = (cum - prev) * (total / max(n_p, 1))
+                prev = cum
+            out += part * (n_p / total)
+            part_sketches.append(fold(part, fold_dim).cpu())
+    finally:
+        if stream is not None:
+            stream.__exit__(None, None, None)
+            sketch_seconds = stream.seconds
+    if stream is None:
+        out = prev  # the sketch of the accumulated mean gradient itself
+        sq = sum(
+            float(q.grad.detach().float().pow(2).sum())
+            for _, q in trainable_parameters(model)
+            if q.grad is not None
+        )
+    else:
+        sq = float(out.double().pow(2).sum())
     model.zero_grad(set_to_none=True)
-    return Calibration(out.cpu(), sq, loss_sum / total, total)
+    return Calibration(
+        out.cpu(),
+        sq,
+        loss_sum / total,
+        total,
+        parts=torch.stack(part_sketches),
+        part_tokens=part_tokens,
+        sq_norm_exact=stream is None,
+        sketch_seconds=sketch_seconds,
+    )
 
 
 def calibrate_model(
@@ -207,24 +344,84 @@ def calibrate_model(
     batch_size: int,
     pad_id: int,
     progress: bool = True,
+    parts: int = 1,
+    fold_dim: int | None = None,
+    streaming: bool = False,
 ) -> dict[str, Calibration]:
-    """Sketched representative gradient of each dataset at θ0 (the model's current weights)."""
+    """Sketched representative gradient of each dataset at θ0 (the model's current weights).
+
+    Each dataset's calibration examples are cut into ``parts`` disjoint parts (seeded by the
+    sketch seed and the dataset name), each part's gradient sketched too.
+    """
     model.eval()  # no dropout: g_t is the gradient of the loss, not of a random sub-network
     sketcher = CountSketch(spec)
-    n_batches = sum(math.ceil(len(v) / batch_size) for v in datasets.values())
+    n_batches = sum(
+        sum(math.ceil(len(p) / batch_size) for p in split_parts(len(v), parts, spec.seed, k))
+        for k, v in datasets.items()
+    )
     bar = tqdm(total=n_batches, desc="calibrate", unit="batch", disable=not progress)
     out = {}
     for name, examples in datasets.items():
         out[name] = mean_gradient_sketch(
-            model, examples, sketcher, batch_size, pad_id, lambda: bar.update()
+            model,
+            examples,
+            sketcher,
+            batch_size,
+            pad_id,
+            bar.update,
+            parts=split_parts(len(examples), parts, spec.seed, name),
+            fold_dim=fold_dim,
+            streaming=streaming,
         )
     bar.close()
     return out
 
 
-def spec_dict(spec: SketchSpec) -> dict:
+def parameter_layout(model) -> str:
+    """sha256 of the trainable parameters' names and shapes: sketches hash coordinates by
+    (name, flat index), so two sketches are comparable only over the same layout."""
+    h = hashlib.sha256()
+    for name, p in trainable_parameters(model):
+        h.update(f"{name}:{tuple(p.shape)}\n".encode())
+    return h.hexdigest()
+
+
+class SpecMismatch(ValueError):
+    """Sketches made with another spec cannot be compared with these."""
+
+
+# What each recorded field of a calibration spec means, for error messages.
+SPEC_FIELDS = {
+    "dim": "sketch dimension d (calibration.sketch_dim)",
+    "seed": "sketch seed (calibration.seed)",
+    "hash": "hash function",
+    "layout": "parameter layout (names and shapes)",
+    "base_fingerprint": "θ0 fingerprint",
+    "loss": "loss definition",
+    "max_length": "max_length (model.max_length)",
+    "parts": "micro-batches per dataset (calibration.microbatches)",
+    "part_dim": "micro-batch sketch buckets (calibration.microbatch_dim)",
+}
+
+
+def check_spec(recorded: dict, current: dict) -> None:
+    """Refuse sketches made with another spec, naming every field that differs."""
+    bad = []
+    for key, label in SPEC_FIELDS.items():
+        if recorded.get(key) != current.get(key):
+            bad.append(f"{key} ({label}): {recorded.get(key)!r} != {current.get(key)!r}")
+    if bad:
+        raise SpecMismatch(
+            "the existing sketches were made with a different spec, so new datasets cannot be "
+            "added to them: " + "; ".join(bad)
+        )
+
+
+def spec_dict(spec: SketchSpec, **fields) -> dict:
+    """The recorded spec: what must match for sketches to be compared (see ``SPEC_FIELDS``)."""
     return {
         **asdict(spec),
         "hash": "splitmix64(blake2b(seed, name) + index·φ)",
         "loss": LOSS_DEFINITION,
+        **fields,
     }

@@ -1,21 +1,57 @@
-"""Conflict-aware split of the datasets into K = 2^r sample-balanced groups (paper §3.2).
+"""Conflict-aware split of the datasets into K sample-balanced groups (paper §3.2), and how far
+to trust it.
 
-At depth j every current group is cut in two along conflict axis j at its sample-weighted median,
-so datasets that pull θ0 in opposite directions along the main conflict axes train in different
-branches, and every branch sees about the same number of samples.
+Four splitters share one interface (``Splitter``: plan inputs, K, a seeded generator → a group
+id per dataset), each returning sample-balanced groups:
+
+- ``median``: the paper's — at depth j every current group is cut in two along conflict axis j at
+  its sample-weighted median, so K = 2^r;
+- ``sign``: the same recursion, cut where axis j changes sign (datasets that pull θ0 in opposite
+  directions along the axis), moved only as far as the balance tolerance requires; K = 2^r;
+- ``random``: a random balanced split (the paper's baseline), any K;
+- ``gain``: a balanced partition into any K that maximises the predicted merging gain (below) by
+  local search over moves and swaps from several seeded starts.
+
+Predicted merging gain (paper §3.2): a branch trained on group k moves θ0 by δ_k ≈ −τ ḡ_k (ḡ_k
+the token-weighted mean gradient of the group, τ the gradient-flow time, η × steps for SGD). For
+a loss L with Hessian H at θ0 and merge weights w_k (Σ w_k ḡ_k = ḡ),
+
+    Σ_k w_k L(θ_k) − L(θ̄) ≈ ½ τ² Σ_k w_k (ḡ_k − ḡ)ᵀ H (ḡ_k − ḡ)
+
+(for K = 2 equal groups, τ²/8 (ḡ_1 − ḡ_2)ᵀ H (ḡ_1 − ḡ_2), the paper's form). Under H ≈ I it
+needs only the sketched Gram matrix. The gain is measured against the branches' own average
+loss, not against joint training: under δ_k = −τ ḡ_k the merged model θ0 − τ ḡ does not depend
+on the split at all, so the merged loss can only be told apart at the next order, with the
+group Hessians H_k (δ_k ≈ −τ ḡ_k + ½ τ² H_k ḡ_k); see ``merged_loss``.
+
+Stability: each dataset's calibration examples are cut into a few parts whose sketches are kept;
+resampling the parts (bootstrap) redraws the calibration sample, and re-planning each draw says
+how often each dataset lands in its group and how well two resampled plans agree (ARI).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from merit.conflict import (
+    Embedding,
+    PartGram,
+    conflict_embedding,
+    cosine_from_gram,
+    debiased_gram,
+    offdiag_pearson,
+)
 
 
 class PlanError(ValueError):
     """The requested plan cannot be made from these datasets."""
 
 
+# -- balanced cuts (the paper's recursion) -------------------------------------------------------
 def balanced_cut(values: np.ndarray, weights: np.ndarray) -> int:
     """Number of items (sorted by value) that go to the lower half, balancing total weight.
 
@@ -31,12 +67,26 @@ def balanced_cut(values: np.ndarray, weights: np.ndarray) -> int:
     return cut
 
 
-def median_split(z: np.ndarray, samples: Sequence[float], rank: int) -> np.ndarray:
-    """Group id in [0, 2^rank) of each dataset: recursive sample-balanced median splits.
+def sign_cut(values: np.ndarray, weights: np.ndarray, tolerance: float) -> int:
+    """Cut at the sign change of ``values``, moved to the nearest cut whose lower half holds
+    between 1/2 − tolerance and 1/2 + tolerance of the weight (the median cut if none does)."""
+    n = len(values)
+    if n < 2:
+        raise PlanError("cannot split a group of fewer than two datasets")
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    frac = cum[:-1] / cum[-1]  # lower-half share of cut c = 1..n-1
+    cuts = np.arange(1, n)
+    ok = np.abs(frac - 0.5) <= tolerance + 1e-12
+    if not ok.any():
+        return balanced_cut(values, weights)
+    zero = int(np.searchsorted(values[order], 0.0))  # items below zero
+    score = np.abs(cuts - zero) + 1e-6 * np.abs(frac - 0.5)  # ties: the more balanced
+    score[~ok] = np.inf
+    return int(cuts[np.argmin(score)])
 
-    Bit j of the group id says on which side of the median of axis j (within its parent group)
-    the dataset lies.
-    """
+
+def _recursive_split(z: np.ndarray, samples, rank: int, cut: Callable) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     w = np.asarray(samples, dtype=np.float64)
     t = z.shape[0]
@@ -48,10 +98,453 @@ def median_split(z: np.ndarray, samples: Sequence[float], rank: int) -> np.ndarr
         for g in np.unique(groups):
             idx = np.flatnonzero(groups == g)
             order = idx[np.argsort(z[idx, j], kind="stable")]
-            cut = balanced_cut(z[idx, j], w[idx])
-            new[order[cut:]] = g | (1 << j)
+            c = cut(z[idx, j], w[idx])
+            new[order[c:]] = g | (1 << j)
         groups = new
     return groups
+
+
+def median_split(z: np.ndarray, samples: Sequence[float], rank: int) -> np.ndarray:
+    """Group id in [0, 2^rank) of each dataset: recursive sample-balanced median splits.
+
+    Bit j of the group id says on which side of the median of axis j (within its parent group)
+    the dataset lies.
+    """
+    return _recursive_split(z, samples, rank, balanced_cut)
+
+
+def sign_split(
+    z: np.ndarray, samples: Sequence[float], rank: int, tolerance: float = 0.1
+) -> np.ndarray:
+    """Like ``median_split``, but each cut is at the sign change of axis j, moved only as far
+    as needed to keep every final group's samples within K⁻¹ (1 ± ``tolerance``) of the total.
+
+    r nested cuts each within 1/2 ± t give groups within 2^-r (1 ± 2t)^r, so each cut gets
+    t = ((1 + tolerance)^(1/r) − 1) / 2.
+    """
+    per_cut = ((1 + tolerance) ** (1 / max(rank, 1)) - 1) / 2
+    return _recursive_split(z, samples, rank, lambda v, w: sign_cut(v, w, per_cut))
+
+
+def random_split(samples: Sequence[float], k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random balanced split: datasets in random order, each to the group with fewest samples."""
+    s = np.asarray(samples, dtype=np.float64)
+    if k > len(s):
+        raise PlanError(f"K = {k} groups is more than the {len(s)} datasets")
+    groups = np.zeros(len(s), dtype=np.int64)
+    load = np.zeros(k)
+    for i in rng.permutation(len(s)):
+        g = int(np.argmin(load + 1e-9 * rng.random(k)))
+        groups[i] = g
+        load[g] += s[i]
+    return groups
+
+
+# -- predicted merging gain ----------------------------------------------------------------------
+def _onehot(groups: np.ndarray, k: int) -> np.ndarray:
+    m = np.zeros((len(groups), k))
+    m[np.arange(len(groups)), groups] = 1.0
+    return m
+
+
+def group_mix(groups: np.ndarray, tokens: Sequence[float], k: int) -> np.ndarray:
+    """K × T matrix M with ḡ_k = Σ_t M_kt g_t (token-weighted mean of the group's gradients)."""
+    a = np.asarray(tokens, dtype=np.float64)
+    m = _onehot(np.asarray(groups), k).T * a[None, :]
+    return m / m.sum(axis=1, keepdims=True)
+
+
+def gain_identity(gram: np.ndarray, groups: np.ndarray, tokens, k: int) -> tuple[float, float]:
+    """(gain / τ², share) under H = I from the Gram of the datasets' mean gradients.
+
+    gain / τ² = ½ Σ_k w_k |ḡ_k − ḡ|²; share is the fraction of the datasets' total spread
+    Σ_t π_t |g_t − ḡ|² (π_t = token share) that lies between groups: 1 when every dataset is its
+    own group, 0 when all groups have the same mean gradient.
+    """
+    a = np.asarray(tokens, dtype=np.float64)
+    pi = a / a.sum()
+    m = group_mix(groups, a, k)
+    w = _onehot(np.asarray(groups), k).T @ pi
+    gk = m @ gram @ m.T  # Gram of the group means
+    gbar = float(pi @ gram @ pi)
+    between = float(w @ np.diag(gk)) - gbar
+    total = float(pi @ np.diag(gram)) - gbar
+    return 0.5 * between, between / total if total > 0 else 0.0
+
+
+@dataclass
+class Curvature:
+    """Scalars measured at θ0 with Hessian-vector products (see ``merit.curvature``).
+
+    Split-independent: ``loss0`` = L_h(θ0) on held-out calibration batches, ``gh_g`` = g_hᵀ ḡ,
+    ``g_hh_g`` = ḡᵀ H_h ḡ. Per candidate: ``quad`` = Σ_k w_k (ḡ_k − ḡ)ᵀ H_h (ḡ_k − ḡ) and
+    ``cross`` = Σ_k w_k g_hᵀ H_k ḡ_k (H_k the Hessian of group k's loss).
+    """
+
+    loss0: float
+    gh_g: float
+    g_hh_g: float
+    quad: list[float]
+    cross: list[float]
+    cross_joint: float = float("nan")  # g_hᵀ H ḡ: the same term for one branch on everything
+
+    def horizon(self) -> float | None:
+        """τ* = g_hᵀḡ / ḡᵀH_hḡ: the step along −ḡ that minimises the held-out quadratic."""
+        return self.gh_g / self.g_hh_g if self.g_hh_g > 0 and self.gh_g > 0 else None
+
+
+def merged_loss(c: Curvature, i: int, tau: float) -> float:
+    """Predicted held-out loss of θ̄ for candidate ``i`` after gradient-flow time τ.
+
+    δ_k ≈ −τ ḡ_k + ½ τ² H_k ḡ_k (the flow on group k's quadratic, to second order), so
+    δ̄ = Σ_k w_k δ_k = −τ ḡ + ½ τ² Σ_k w_k H_k ḡ_k and, to O(τ²),
+    L_h(θ̄) ≈ L_h(θ0) − τ g_hᵀ ḡ + ½ τ² (ḡᵀ H_h ḡ + Σ_k w_k g_hᵀ H_k ḡ_k).
+    Only the last term depends on the split.
+    """
+    return c.loss0 - tau * c.gh_g + 0.5 * tau**2 * (c.g_hh_g + c.cross[i])
+
+
+def joint_loss(c: Curvature, tau: float) -> float:
+    """``merged_loss`` of the one-group plan (joint training on everything), same horizon."""
+    return c.loss0 - tau * c.gh_g + 0.5 * tau**2 * (c.g_hh_g + c.cross_joint)
+
+
+def gain_hessian(c: Curvature, i: int, tau: float) -> float:
+    """½ τ² Σ_k w_k (ḡ_k − ḡ)ᵀ H (ḡ_k − ḡ), in loss units."""
+    return 0.5 * tau**2 * c.quad[i]
+
+
+# -- the any-K partitioner -----------------------------------------------------------------------
+def _gain_objective(gram, a, groups, k) -> float:
+    oh = _onehot(groups, k) * a[:, None]
+    big_a = oh.sum(axis=0)
+    q = np.einsum("ik,ij,jk->k", oh, gram, oh)
+    return float((q / big_a).sum())
+
+
+def _max_dev(load: np.ndarray, target: float) -> float:
+    return float(np.abs(load - target).max() / target)
+
+
+def improve_gain(
+    gram: np.ndarray,
+    tokens,
+    samples,
+    groups: np.ndarray,
+    k: int,
+    tolerance: float = 0.1,
+    max_iter: int = 10_000,
+) -> np.ndarray:
+    """Local search (best move or swap) maximising Σ_k w_k |ḡ_k|² — equivalently the predicted
+    gain under H = I — over partitions whose groups keep their samples within K⁻¹ (1 ± tolerance)
+    of the total (never making the worst group worse when the start already violates it)."""
+    g = np.asarray(gram, dtype=np.float64)
+    a = np.asarray(tokens, dtype=np.float64)
+    a = a / a.mean()  # scale-free; avoids overflow with large token counts
+    s = np.asarray(samples, dtype=np.float64)
+    t = len(a)
+    grp = np.asarray(groups, dtype=np.int64).copy()
+    target = s.sum() / k
+    gd = np.diag(g)
+    ar = np.arange(t)
+    for _ in range(max_iter):
+        oh = _onehot(grp, k)
+        big_b = g @ (oh * a[:, None])  # B_ik = Σ_{j∈k} a_j G_ij
+        big_a = oh.T @ a
+        load = oh.T @ s
+        count = oh.sum(axis=0)
+        q = ((oh * a[:, None]) * big_b).sum(axis=0)
+        base = q / big_a
+        limit = max(tolerance, _max_dev(load, target)) + 1e-12
+        # Max deviation of the groups other than (k, l), for every pair.
+        dev = np.abs(load - target) / target
+        other = np.zeros((k, k))
+        for x in range(k):
+            for y in range(k):
+                rest = [dev[z] for z in range(k) if z not in (x, y)]
+                other[x, y] = max(rest) if rest else 0.0
+        best, action = 1e-12 * max(abs(base.sum()), 1e-300), None
+        # Moves: i from its group to l.
+        src = grp
+        qk = q[src] - 2 * a * big_b[ar, src] + a**2 * gd
+        ak = big_a[src] - a
+        ql = q[None, :] + 2 * a[:, None] * big_b + (a**2 * gd)[:, None]
+        al = big_a[None, :] + a[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = (qk / ak)[:, None] - base[src][:, None] + ql / al - base[None, :]
+        dev_src = np.abs(load[src] - s - target) / target
+        dev_dst = np.abs(load[None, :] + s[:, None] - target) / target
+        newdev = np.maximum(np.maximum(dev_src[:, None], dev_dst), other[src][:, :])
+        feasible = (newdev <= limit) & (count[src] > 1)[:, None]
+        feasible[ar, src] = False
+        delta = np.where(feasible, delta, -np.inf)
+        i, dst = np.unravel_index(int(np.argmax(delta)), delta.shape)
+        if delta[i, dst] > best:
+            best, action = float(delta[i, dst]), ("move", int(i), int(dst))
+        # Swaps: i in group x with j in group y.
+        for x in range(k):
+            ix = np.flatnonzero(grp == x)
+            for y in range(x + 1, k):
+                jy = np.flatnonzero(grp == y)
+                if len(ix) == 0 or len(jy) == 0:
+                    continue
+                ai, aj = a[ix][:, None], a[jy][None, :]
+                gij = g[np.ix_(ix, jy)]
+                cross = 2 * ai * aj * gij
+                qx = (
+                    q[x]
+                    - 2 * ai * big_b[ix, x][:, None]
+                    + (a[ix] ** 2 * gd[ix])[:, None]
+                    + 2 * aj * big_b[jy, x][None, :]
+                    + (a[jy] ** 2 * gd[jy])[None, :]
+                    - cross
+                )
+                qy = (
+                    q[y]
+                    - 2 * aj * big_b[jy, y][None, :]
+                    + (a[jy] ** 2 * gd[jy])[None, :]
+                    + 2 * ai * big_b[ix, y][:, None]
+                    + (a[ix] ** 2 * gd[ix])[:, None]
+                    - cross
+                )
+                axx = big_a[x] - ai + aj
+                ayy = big_a[y] + ai - aj
+                d = qx / axx + qy / ayy - base[x] - base[y]
+                ds = s[jy][None, :] - s[ix][:, None]
+                nd = (
+                    np.maximum(np.abs(load[x] + ds - target), np.abs(load[y] - ds - target))
+                    / target
+                )
+                d = np.where(np.maximum(nd, other[x, y]) <= limit, d, -np.inf)
+                p, r = np.unravel_index(int(np.argmax(d)), d.shape)
+                if d[p, r] > best:
+                    best, action = float(d[p, r]), ("swap", int(ix[p]), int(jy[r]))
+        if action is None:
+            break
+        if action[0] == "move":
+            grp[action[1]] = action[2]
+        else:
+            i, j = action[1], action[2]
+            grp[i], grp[j] = grp[j], grp[i]
+    return grp
+
+
+def gain_partition(
+    gram: np.ndarray,
+    tokens,
+    samples,
+    k: int,
+    rng: np.random.Generator,
+    tolerance: float = 0.1,
+    restarts: int = 8,
+    starts: Sequence[np.ndarray] = (),
+) -> np.ndarray:
+    """Balanced partition into any K maximising the predicted merging gain (H = I): local search
+    from ``restarts`` random balanced splits and from any given ``starts``; the best one wins."""
+    t = len(tokens)
+    if k > t:
+        raise PlanError(f"K = {k} groups is more than the {t} datasets")
+    a = np.asarray(tokens, dtype=np.float64)
+    inits = [random_split(samples, k, rng) for _ in range(restarts)] + [
+        np.asarray(x) for x in starts
+    ]
+    s = np.asarray(samples, dtype=np.float64)
+    best, best_key = None, None
+    for g0 in inits:
+        g = improve_gain(gram, a, s, g0, k, tolerance)
+        f = _gain_objective(gram, a / a.mean(), g, k)
+        # Balanced partitions first (a start that violates the tolerance may stay violating).
+        key = (max(_max_dev(_onehot(g, k).T @ s, s.sum() / k), tolerance), -f)
+        if best_key is None or key < best_key:
+            best, best_key = g, key
+    return canonical_labels(best, k)
+
+
+def canonical_labels(groups: np.ndarray, k: int) -> np.ndarray:
+    """Relabel groups by first appearance, so equal partitions have equal labels."""
+    out = np.empty_like(groups)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        if int(g) not in seen:
+            seen[int(g)] = len(seen)
+        out[i] = seen[int(g)]
+    return out
+
+
+# -- one interface -------------------------------------------------------------------------------
+@dataclass
+class PlanInputs:
+    """What a splitter may look at: the cosine matrix (paper), the Gram of the mean gradients
+    (sampling bias removed from its diagonal), samples (balance) and tokens (merge weights)."""
+
+    cosine: np.ndarray
+    gram: np.ndarray
+    samples: np.ndarray
+    tokens: np.ndarray
+    _emb: dict[int, Embedding] = field(default_factory=dict, repr=False)
+
+    def embedding(self, rank: int) -> Embedding:
+        if rank not in self._emb:
+            self._emb[rank] = conflict_embedding(self.cosine, rank)
+        return self._emb[rank]
+
+    @classmethod
+    def from_gram(cls, gram, samples, tokens, noise=None) -> PlanInputs:
+        g = np.asarray(gram, dtype=np.float64)
+        return cls(
+            cosine=cosine_from_gram(g),
+            gram=g if noise is None else debiased_gram(g, noise),
+            samples=np.asarray(samples, dtype=np.float64),
+            tokens=np.asarray(tokens, dtype=np.float64),
+        )
+
+
+def power_of_two(k: int) -> int | None:
+    """r with 2^r = k, or None."""
+    r = k.bit_length() - 1
+    return r if k >= 1 and 2**r == k else None
+
+
+@dataclass(frozen=True)
+class Splitter:
+    """A named rule (inputs, K, generator) → group id in [0, K) per dataset."""
+
+    name: str
+    split: Callable[[PlanInputs, int, np.random.Generator], np.ndarray]
+    any_k: bool
+    description: str
+
+    def __call__(self, x: PlanInputs, k: int, rng: np.random.Generator) -> np.ndarray:
+        if not self.any_k and power_of_two(k) is None:
+            raise PlanError(
+                f"the {self.name} splitter makes K = 2^r groups, not K = {k}; "
+                "use planning.splitter=gain or random for any K"
+            )
+        return np.asarray(self.split(x, k, rng), dtype=np.int64)
+
+
+def splitters(tolerance: float = 0.1, restarts: int = 8) -> dict[str, Splitter]:
+    """The four splitters, by name."""
+
+    def median(x, k, rng):
+        r = power_of_two(k)
+        return median_split(x.embedding(r).z, x.samples, r)
+
+    def sign(x, k, rng):
+        r = power_of_two(k)
+        return sign_split(x.embedding(r).z, x.samples, r, tolerance)
+
+    def rand(x, k, rng):
+        return random_split(x.samples, k, rng)
+
+    def gain(x, k, rng):
+        r = power_of_two(k)
+        starts = [] if r is None else [median(x, k, rng), sign(x, k, rng)]
+        return gain_partition(x.gram, x.tokens, x.samples, k, rng, tolerance, restarts, starts)
+
+    return {
+        "median": Splitter("median", median, False, "recursive median splits on PCA axes (paper)"),
+        "sign": Splitter("sign", sign, False, "recursive sign splits on PCA axes"),
+        "random": Splitter("random", rand, True, "random balanced split (paper's baseline)"),
+        "gain": Splitter("gain", gain, True, "balanced partition maximising predicted gain"),
+    }
+
+
+# -- stability ----------------------------------------------------------------------------------
+def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
+    """ARI of two labelings (1 = identical partitions, ≈0 = chance agreement)."""
+    a, b = np.asarray(a), np.asarray(b)
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(table, (ia, ib), 1)
+
+    def pairs(x):
+        return float((x * (x - 1) / 2).sum())
+
+    n = len(a)
+    total = n * (n - 1) / 2
+    sum_ij = pairs(table)
+    sum_a, sum_b = pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    expected = sum_a * sum_b / total if total else 0.0
+    top = 0.5 * (sum_a + sum_b) - expected
+    return 1.0 if top == 0 else (sum_ij - expected) / top
+
+
+def align_labels(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
+    """Relabel ``other`` to agree with ``reference`` on as many datasets as possible (exact
+    assignment for K ≤ 7, greedy beyond)."""
+    ref, oth = np.asarray(reference), np.asarray(other)
+    kk = max(k, int(ref.max()) + 1, int(oth.max()) + 1)
+    overlap = np.zeros((kk, kk))
+    np.add.at(overlap, (oth, ref), 1)
+    if kk <= 7:
+        perms = np.array(list(itertools.permutations(range(kk))))
+        score = overlap[np.arange(kk)[None, :], perms].sum(axis=1)
+        mapping = perms[int(np.argmax(score))]
+    else:
+        mapping = np.full(kk, -1)
+        used: set[int] = set()
+        for flat in np.argsort(-overlap, axis=None, kind="stable"):
+            o, r = divmod(int(flat), kk)
+            if mapping[o] < 0 and r not in used:
+                mapping[o] = r
+                used.add(r)
+    return mapping[oth]
+
+
+@dataclass
+class Stability:
+    """How a plan moves when the calibration sample is redrawn (bootstrap over its parts)."""
+
+    per_dataset: np.ndarray  # fraction of draws in which each dataset lands in its plan group
+    ari_pairs: float  # mean ARI between two resampled plans
+    ari_plan: float  # mean ARI between a resampled plan and the plan
+    draws: int
+
+
+def resampled_grams(pg: PartGram, draws: int, seed: int) -> list[np.ndarray]:
+    """Datasets' Gram for ``draws`` (rescaled) bootstrap draws of every dataset's calibration
+    parts: each draw's spread around the plan's Gram is that of a new calibration sample."""
+    rng = np.random.default_rng(seed)
+    return [pg.dataset_gram(pg.bootstrap_counts(rng), rescale=True) for _ in range(draws)]
+
+
+def stability(plan: np.ndarray, resampled: Sequence[np.ndarray], k: int) -> Stability:
+    """Per-dataset assignment frequency and ARI agreement of resampled plans."""
+    plan = np.asarray(plan)
+    if not resampled:
+        return Stability(np.ones(len(plan)), float("nan"), float("nan"), 0)
+    aligned = np.array([align_labels(plan, r, k) for r in resampled])
+    per = (aligned == plan[None, :]).mean(axis=0)
+    vs_plan = float(np.mean([adjusted_rand_index(plan, r) for r in resampled]))
+    pairs = [
+        adjusted_rand_index(resampled[i], resampled[j])
+        for i in range(len(resampled))
+        for j in range(i + 1, len(resampled))
+    ]
+    return Stability(per, float(np.mean(pairs)) if pairs else float("nan"), vs_plan, len(resampled))
+
+
+def resampled_cosine_agreement(grams: Sequence[np.ndarray]) -> float:
+    """Mean off-diagonal Pearson between the cosine matrices of two resampled draws."""
+    cos = [cosine_from_gram(g) for g in grams]
+    vals = [offdiag_pearson(cos[i], cos[i + 1]) for i in range(0, len(cos) - 1, 2)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def changed_groups(
+    old_names: Sequence[str], old_groups, new_names: Sequence[str], new_groups, k: int
+) -> list[str]:
+    """Datasets of an earlier plan whose group changed (group labels aligned first)."""
+    pos = {n: i for i, n in enumerate(new_names)}
+    common = [n for n in old_names if n in pos]
+    if not common:
+        return []
+    old = np.asarray([old_groups[list(old_names).index(n)] for n in common])
+    new = np.asarray([new_groups[pos[n]] for n in common])
+    aligned = align_labels(old, new, k)
+    return [n for n, a, b in zip(common, aligned, old) if a != b]
 
 
 def group_weights(
@@ -61,3 +554,94 @@ def group_weights(
     n = [int(np.asarray(tokens)[groups == g].sum()) for g in range(k)]
     total = sum(n)
     return n, [x / total for x in n]
+
+
+# -- candidates side by side ---------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One splitter's plan and what is predicted about it."""
+
+    splitter: str
+    groups: np.ndarray | None  # None when the splitter cannot make K groups
+    note: str = ""
+    gain: float = float("nan")  # ½ Σ_k w_k |ḡ_k − ḡ|² (H = I), per τ²
+    share: float = float("nan")  # fraction of the datasets' gradient spread between groups
+    balance: float = float("nan")  # largest / smallest group, in samples
+    stability: Stability | None = None
+    gain_hessian: float | None = None  # ½ τ² Σ_k w_k v_kᵀ H v_k, loss units
+    merged_loss: float | None = None  # predicted held-out loss of θ̄
+
+    @property
+    def available(self) -> bool:
+        return self.groups is not None
+
+
+def compare(
+    x: PlanInputs,
+    k: int,
+    parts: PartGram | None = None,
+    draws: int = 0,
+    seed: int = 0,
+    tolerance: float = 0.1,
+    names: Sequence[str] = ("median", "sign", "random", "gain"),
+) -> list[Candidate]:
+    """Every splitter's plan for K groups, with predicted gain (H = I), balance and — when part
+    sketches are given — bootstrap stability over ``draws`` resampled calibration draws (the same
+    draws for every splitter, each re-planned with the same seed)."""
+    table = splitters(tolerance)
+    grams = resampled_grams(parts, draws, seed) if parts is not None and draws > 0 else []
+    noise = parts.noise() if parts is not None else None
+    resampled = [PlanInputs.from_gram(g, x.samples, x.tokens, noise) for g in grams]
+    out = []
+    for name in names:
+        sp = table[name]
+        if not sp.any_k and power_of_two(k) is None:
+            out.append(Candidate(name, None, note=f"K={k} is not a power of two"))
+            continue
+        groups = sp(x, k, np.random.default_rng(seed))
+        gain, share = gain_identity(x.gram, groups, x.tokens, k)
+        load = np.bincount(groups, weights=x.samples, minlength=k)
+        st = None
+        if resampled:
+            st = stability(groups, [sp(r, k, np.random.default_rng(seed)) for r in resampled], k)
+        out.append(
+            Candidate(
+                name,
+                groups,
+                gain=gain,
+                share=share,
+                balance=float(load.max() / load.min()) if load.min() > 0 else float("inf"),
+                stability=st,
+                note="ignores the data" if name == "random" else "",
+            )
+        )
+    return out
+
+
+def choose(candidates: Sequence[Candidate], splitter: str, objective: str) -> int:
+    """Index of the plan to use: the configured splitter's, or for ``auto`` the best available
+    candidate under ``objective`` (the true-H gain when measured, else the H = I gain)."""
+    if splitter != "auto":
+        for i, c in enumerate(candidates):
+            if c.splitter == splitter:
+                if not c.available:
+                    raise PlanError(f"the {splitter} splitter cannot make this plan: {c.note}")
+                return i
+        raise PlanError(f"unknown splitter {splitter!r}")
+    ok = [i for i, c in enumerate(candidates) if c.available]
+    if objective == "merged_loss":
+        scored = [i for i in ok if candidates[i].merged_loss is not None]
+        if not scored:
+            raise PlanError(
+                "objective merged_loss has no predictions to rank: it needs planning.hessian=true "
+                "and a horizon (planning.horizon, or positive curvature along the mean gradient)"
+            )
+        return min(scored, key=lambda i: candidates[i].merged_loss)
+    return max(
+        ok,
+        key=lambda i: (
+            candidates[i].gain_hessian
+            if candidates[i].gain_hessian is not None
+            else candidates[i].gain
+        ),
+    )

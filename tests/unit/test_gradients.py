@@ -112,3 +112,118 @@ def test_mean_gradient_sketch_matches_exact_gradient():
     sq = sum(float(p.grad.pow(2).sum()) for _, p in trainable_parameters(model))
     assert cal.sq_norm == pytest.approx(sq, rel=1e-5)
     assert cal.tokens == count
+
+
+def _tiny_lm(seed=0, vocab=13):
+    torch.manual_seed(seed)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.out = torch.nn.Linear(8, vocab)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = torch.tanh(self.mid(self.emb(input_ids)))
+            return type("O", (), {"logits": self.out(h)})()
+
+    return Tiny()
+
+
+def _examples(n=10, seed=0, vocab=13):
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 9, (1,), generator=rng))
+        ids = torch.randint(1, vocab, (length,), generator=rng).tolist()
+        cut = int(torch.randint(1, length - 1, (1,), generator=rng))
+        out.append(Encoded(ids, [IGNORE] * cut + ids[cut:]))
+    return out
+
+
+def test_streaming_equals_accumulate_and_parts_average_to_the_sketch():
+    """Post-accumulate-grad streaming gives the accumulate-then-sketch result; the token-weighted
+    mean of the part sketches is the dataset sketch (folded), by linearity."""
+    from merit.gradients import fold, split_parts
+
+    model, ex = _tiny_lm(), _examples(11)
+    spec = SketchSpec(1024, 5)
+    parts = split_parts(len(ex), 4, seed=5, name="d")
+    acc = mean_gradient_sketch(model, ex, CountSketch(spec), 3, 0, parts=parts, fold_dim=256)
+    st = mean_gradient_sketch(
+        model, ex, CountSketch(spec), 3, 0, parts=parts, fold_dim=256, streaming=True
+    )
+    torch.testing.assert_close(st.sketch, acc.sketch, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(st.parts, acc.parts, rtol=1e-4, atol=1e-5)
+    assert acc.sq_norm_exact and not st.sq_norm_exact
+    assert st.part_tokens == acc.part_tokens and sum(st.part_tokens) == st.tokens
+    w = torch.tensor(acc.part_tokens, dtype=torch.float32) / acc.tokens
+    torch.testing.assert_close(
+        (w[:, None] * acc.parts).sum(0), fold(acc.sketch, 256), atol=1e-5, rtol=1e-4
+    )
+    # Each part's sketch is that part's own token-mean gradient.
+    alone = mean_gradient_sketch(model, [ex[i] for i in parts[2]], CountSketch(spec), 3, 0)
+    torch.testing.assert_close(acc.parts[2], fold(alone.sketch, 256), rtol=1e-4, atol=1e-5)
+    # Streaming leaves no gradient behind and removes its hooks.
+    assert all(p.grad is None for p in model.parameters())
+    loss = model(torch.tensor([ex[0].input_ids])).logits.sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fold_is_the_smaller_sketch():
+    from merit.gradients import fold
+
+    named = _named()
+    big = CountSketch(SketchSpec(2048, 9)).sketch_named(named)
+    small = CountSketch(SketchSpec(256, 9)).sketch_named(named)
+    torch.testing.assert_close(fold(big, 256), small, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        fold(big, 300)
+
+
+def test_parts_depend_on_dataset_alone():
+    from merit.gradients import split_parts
+
+    a = split_parts(17, 4, 0, "alpha")
+    assert a == split_parts(17, 4, 0, "alpha")
+    assert a != split_parts(17, 4, 1, "alpha") or a != split_parts(17, 4, 0, "beta")
+    assert sorted(i for p in a for i in p) == list(range(17))
+    assert [len(p) for p in a] == [5, 4, 4, 4]
+    assert len(split_parts(3, 8, 0, "x")) == 3  # never an empty part
+
+
+def test_spec_mismatch_names_the_field():
+    from merit.gradients import SpecMismatch, check_spec, spec_dict
+
+    base = spec_dict(
+        SketchSpec(4096, 0),
+        layout="abc",
+        base_fingerprint="f00",
+        max_length=96,
+        parts=4,
+        part_dim=4096,
+    )
+    check_spec(base, dict(base))
+    for key, value, words in [
+        ("seed", 1, "sketch seed"),
+        ("dim", 8192, "sketch dimension"),
+        ("layout", "abd", "parameter layout"),
+        ("base_fingerprint", "f01", "θ0 fingerprint"),
+        ("loss", "sum of NLL", "loss definition"),
+    ]:
+        with pytest.raises(SpecMismatch, match=words) as info:
+            check_spec(base, {**base, key: value})
+        assert key in str(info.value)
+        others = [k for k in ("seed", "dim", "layout", "base_fingerprint", "loss") if k != key]
+        assert not any(f"{k} (" in str(info.value) for k in others)
+
+
+def test_parameter_layout_sees_names_and_shapes():
+    from merit.gradients import parameter_layout
+
+    a, b = _tiny_lm(0), _tiny_lm(1)
+    assert parameter_layout(a) == parameter_layout(b)  # weights do not matter
+    c = _tiny_lm(0, vocab=14)
+    assert parameter_layout(c) != parameter_layout(a)

@@ -1,0 +1,111 @@
+"""Benchmark: `merit diagnose` + `merit report` on a finished run (issue 6).
+
+    python bench/diagnose.py RUN_DIR [--cache-dir DIR]
+
+RUN_DIR is a finished run (``merit demo`` writes ``runs/demo``); it is copied to a temporary
+directory first (its diagnostics and report removed) so the original is never touched. Both
+commands run through the CLI, as a user runs them, and are timed end to end (interpreter start-up,
+loading the mixture and the models included). Reported: each time, their sum against the
+5-minute budget of the issue, and as a ratio to the run's own pipeline wall time
+(``timings.json``: ``total``, or the sum of its stages), plus where diagnose spends its time.
+The report is then rendered with headless Chromium when it is installed (screenshot written next
+to the copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--cache-dir", help="runtime.cache_dir of the run (where the demo θ0 is)")
+    ap.add_argument("--keep", action="store_true", help="keep the copy (prints its path)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="merit-bench-diagnose-"))
+    run = work / args.run_dir.name
+    shutil.copytree(args.run_dir, run, ignore=shutil.ignore_patterns("trainer", "checkpoint-*"))
+    for sub in ("diagnostics", "report"):
+        shutil.rmtree(run / sub, ignore_errors=True)
+    timings = (
+        json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    )
+    pipeline = timings.get("total") or sum(
+        v for k, v in timings.items() if k not in ("diagnose", "report")
+    )
+    over = ["runtime.progress=false"] + (
+        [f"runtime.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    )
+    merit = [sys.executable, "-m", "merit.cli"]
+    t_diag = _timed([*merit, "diagnose", str(run), *over])
+    t_rep = _timed([*merit, "report", str(run), *over])
+    d = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
+    total = t_diag + t_rep
+    print(f"run: {args.run_dir} ({d['parameters']:,} parameters, K={len(d['gain']['weights'])})")
+    print(
+        f"merit diagnose {t_diag:.0f} s + merit report {t_rep:.0f} s = {total:.0f} s: "
+        f"{total / 300:.0%} of the 5-minute budget"
+        + (
+            f", {total / pipeline:.2f}× the run's own pipeline time ({pipeline:.0f} s)"
+            if pipeline
+            else ""
+        )
+    )
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in d["timings"].items())
+    print(
+        f"diagnose: {d['evaluations']} loss evaluations and {d['hvps']} Hessian-vector products "
+        f"on {d['examples']['heldout']} held-out examples ({d['examples']['heldout_tokens']} "
+        f"answer tokens); {parts}"
+    )
+    print(d["overall"])
+    for v in d["verdicts"]:
+        print(
+            f"  [{ {True: 'holds', False: 'fails', None: 'n/a'}[v['holds']] }] {v['premise']}: {v['why']}"
+        )
+    exe = shutil.which("chromium")
+    if exe:
+        shot = work / "report.png"
+        subprocess.run(
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tempfile.mkdtemp(dir=work)}",
+                f"--screenshot={shot}",
+                "--window-size=1280,9000",
+                (run / "report" / "index.html").as_uri(),
+            ],
+            capture_output=True,
+        )
+        print(f"screenshot: {shot}")
+    if args.keep:
+        print(f"kept: {run}")
+    else:
+        shutil.rmtree(work / args.run_dir.name)
+
+
+if __name__ == "__main__":
+    main()

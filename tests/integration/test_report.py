@@ -1,0 +1,176 @@
+"""`merit diagnose` and `merit report` end to end on a tiny run, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from merit.cli import main
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, mixture_specs, tiny_base) -> Path:
+    """A finished tiny run with its diagnostics and report (the CLI, as a user runs it)."""
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "model": {"path": str(tiny_base), "max_length": 96},
+        "data": {"datasets": mixture_specs, "split": {"eval": 6, "calibration": 8, "train": 24}},
+        "calibration": {"batch_size": 8, "sketch_dim": 4096},
+        "planning": {"rank": 1},
+        "training": {"learning_rate": 1e-3, "batch_size": 8},
+        "evaluation": {"max_examples": 6, "max_generate": 2, "max_new_tokens": 4, "batch_size": 16},
+        "diagnostics": {"examples": 20, "batch_size": 10, "lanczos_iters": 6, "top_eigen": 3},
+        "runtime": {"device": "cpu", "threads": 1, "progress": False},
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["diagnose", str(path)]) == 0  # runs every stage it needs first
+    assert main(["report", str(tmp / "run")]) == 0  # a run directory works as well
+    return tmp / "run"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.size > 0 and float(np.std(img)) > 0  # decodes, and is not a blank canvas
+    return img.shape[1], img.shape[0]
+
+
+def test_diagnostics_are_consistent(reported, capsys):
+    d = json.loads((reported / "diagnostics" / "diagnostics.json").read_text())
+    plan = json.loads((reported / "plan.json").read_text())
+    # Barrier curves: zero excess at both ends, the barrier is their maximum.
+    kinds = [b["kind"] for b in d["barriers"]]
+    assert kinds.count("branches") == 1 and "base-merged" in kinds and "base-joint" in kinds
+    for b in d["barriers"]:
+        assert b["excess"][0] == 0.0 and b["excess"][-1] == 0.0
+        assert b["barrier"] == max(b["excess"]) and len(b["alpha"]) == 5
+    # The measured gain is exactly what the branch and merged losses say.
+    g = d["gain"]
+    w = [grp["weight"] for grp in plan["groups"]]
+    assert g["weights"] == pytest.approx(w)
+    assert g["measured"] == pytest.approx(
+        sum(wk * lk for wk, lk in zip(w, g["branch_losses"])) - g["merged_loss"], abs=1e-12
+    )
+    assert g["merged_loss"] == d["losses"]["θ̄"]
+    assert len(g["eigenvalues"]) == 3 and g["eigenvalues"] == sorted(g["eigenvalues"])[::-1]
+    # Distances: positive, and the ratio is what it says.
+    dist = d["distances"]
+    assert dist["merged"] > 0 and dist["joint"] > 0
+    assert dist["ratio_joint_merged"] == pytest.approx(dist["joint"] / dist["merged"])
+    # Perturbations start flat: σ = 0 is the unperturbed loss, with no spread.
+    for key in ("merged", "joint"):
+        c = d["perturbation"][key]
+        assert (
+            d["perturbation"]["sigmas"][0] == 0 and c["mean"][0] == c["loss"] and c["std"][0] == 0
+        )
+    assert d["generalization"]["merged"]["heldout"] == d["losses"]["θ̄"]
+    assert d["examples"]["heldout"] == 20 and d["examples"]["heldout_tokens"] > 0
+    # A verdict per premise, in words.
+    assert len(d["verdicts"]) == 5
+    assert all(v["holds"] in (True, False, None) and len(v["why"]) > 20 for v in d["verdicts"])
+    for name in ("barriers", "distances", "generalization", "perturbation", "gain"):
+        w_, h_ = _png_size(reported / "diagnostics" / f"{name}.png")
+        assert w_ > 100 and h_ > 100
+    # Re-running is a no-op (same stamp) and prints the verdicts.
+    before = (reported / "diagnostics" / "diagnostics.json").stat().st_mtime_ns
+    assert main(["diagnose", str(reported)]) == 0
+    assert (reported / "diagnostics" / "diagnostics.json").stat().st_mtime_ns == before
+    out = capsys.readouterr().out
+    assert d["overall"] in out and "one basin" in out
+
+
+def test_report_is_self_contained_with_a_markdown_twin(reported):
+    page = (reported / "report" / "index.html").read_text()
+    # Nothing is fetched: no external URL and no file reference; every image is a data URI.
+    assert not re.search(r'(src|href)="(?!#|data:)', page)
+    imgs = re.findall(r'<img [^>]*data-figure="(\w+)" src="data:image/png;base64,', page)
+    assert set(imgs) == {
+        *("mixture", "conflict", "pca", "losses"),  # the run
+        *("barriers", "perturbation", "generalization", "gain", "distances"),  # diagnostics
+    }
+    results = json.loads((reported / "eval" / "results.json").read_text())
+    for label in results["models"]:
+        assert f"<td>{label}</td>" in page  # one row per model in the results table
+    md = (reported / "report" / "report.md").read_text()
+    figs = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
+    assert len(figs) == len(imgs)
+    for f in figs:
+        _png_size(reported / "report" / f)
+    assert "MERIT K=2 vs joint" in md and "one basin" in md
+    # The averages in the table are the evaluation's, with their intervals.
+    s = results["models"]["MERIT K=2"]["summary"]
+    assert f"{100 * s['accuracy']:.1f} [{100 * s['accuracy_ci'][0]:.1f}" in md
+
+
+def test_run_directory_without_config_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("merit: error:") and "no config.yaml" in err and "\n" not in err
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(reported, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    url = (reported / "report" / "index.html").resolve().as_uri()
+    n_imgs = (reported / "report" / "index.html").read_text().count("<img ")
+    profile = tempfile.mkdtemp(dir=tmp_path)
+    # The page's own script writes each image's decoded size into the DOM on load.
+    dom = subprocess.run(
+        [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert f'data-images="{n_imgs}/{n_imgs}"' in dom
+    sizes = re.findall(r'data-decoded="(\d+)x(\d+)"', dom)
+    assert len(sizes) == n_imgs and all(int(w) > 0 and int(h) > 0 for w, h in sizes)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    w, h = _png_size(shot)
+    assert (w, h) == (1280, 2400)
