@@ -10,6 +10,12 @@ loading the mixture and the models included). Reported: each time, their sum aga
 (``timings.json``: ``total``, or the sum of its stages), plus where diagnose spends its time.
 The report is then rendered with headless Chromium when it is installed (screenshot written next
 to the copy).
+
+``--reuse-artifacts`` is for a run directory written by an older merit whose config schema (and
+hence experiment hash) or calibration format differ from this checkout's: each stage then runs
+in a fresh process as ``merit.pipeline.diagnose`` / ``merit.pipeline.report`` themselves, with the
+upstream stage checks (plan, train, merge) replaced by reading the saved artifacts, and evaluation
+records without a format version accepted as current.
 """
 
 from __future__ import annotations
@@ -32,9 +38,42 @@ def _timed(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def _stage_reusing_artifacts(run_dir: Path, stage: str) -> None:
+    """One stage on a run whose upstream artifacts predate this checkout (see the docstring)."""
+    from merit import pipeline
+    from merit.artifacts import read_json, write_json
+    from merit.config import load_config
+    from merit.evaluation import EVAL_VERSION
+
+    cfg = load_config(run_dir / "config.yaml", [f"run_dir={run_dir}", "runtime.progress=false"])
+    run = pipeline.Run(cfg)
+    run.__dict__["base_dir"] = Path(read_json(run_dir / "base.json")["path"])
+    run.validate()  # loads the mixture, as Run.open does
+    plan = read_json(run.paths.plan)
+    for f in (run_dir / "eval").glob("*.json"):
+        rec = read_json(f)
+        if "datasets" in rec and "version" not in rec:
+            write_json(f, {**rec, "version": EVAL_VERSION})
+    pipeline.make_plan = lambda run, **kw: plan
+    pipeline.train = lambda run, **kw: []
+    pipeline.merge = lambda run: read_json(run.paths.merged / "merge_manifest.json")
+    if stage == "diagnose":
+        pipeline.diagnose(run)
+    else:
+        pipeline.report(run)
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--stage":  # child process of --reuse-artifacts
+        _stage_reusing_artifacts(Path(sys.argv[3]), sys.argv[2])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
+    ap.add_argument(
+        "--reuse-artifacts",
+        action="store_true",
+        help="the run predates this checkout's config schema (see above)",
+    )
     ap.add_argument("--cache-dir", help="runtime.cache_dir of the run (where the demo θ0 is)")
     ap.add_argument("--keep", action="store_true", help="keep the copy (prints its path)")
     args = ap.parse_args()
@@ -53,9 +92,13 @@ def main() -> None:
     over = ["runtime.progress=false"] + (
         [f"runtime.cache_dir={args.cache_dir}"] if args.cache_dir else []
     )
-    merit = [sys.executable, "-m", "merit.cli"]
-    t_diag = _timed([*merit, "diagnose", str(run), *over])
-    t_rep = _timed([*merit, "report", str(run), *over])
+    if args.reuse_artifacts:
+        t_diag = _timed([sys.executable, __file__, "--stage", "diagnose", str(run)])
+        t_rep = _timed([sys.executable, __file__, "--stage", "report", str(run)])
+    else:
+        merit = [sys.executable, "-m", "merit.cli"]
+        t_diag = _timed([*merit, "diagnose", str(run), *over])
+        t_rep = _timed([*merit, "report", str(run), *over])
     d = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
     total = t_diag + t_rep
     print(f"run: {args.run_dir} ({d['parameters']:,} parameters, K={len(d['gain']['weights'])})")

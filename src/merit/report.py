@@ -181,7 +181,7 @@ def diagnostic_figures(diag: dict) -> dict[str, bytes]:
         ncols = 2 if split else 1
         fig, axes = plt.subplots(1, ncols, figsize=(4.8 * ncols, 3.4), squeeze=False)
         ax = axes[0, 0]
-        ax.bar([0], [g["measured"]], 0.6, color="#55A868", label="measured")
+        ax.bar([0], [g["measured"]], 0.6, color="#2E4057", label="measured")
         bottom = 0.0
         for k, p in enumerate(g["predicted_per_branch"]):
             ax.bar([1], [p], 0.6, bottom=bottom, color=_color(k), alpha=0.9, label=f"branch {k}")
@@ -193,7 +193,7 @@ def diagnostic_figures(diag: dict) -> dict[str, bytes]:
         ax.set_title(
             "Merging gain vs quadratic theory" + (f" (ratio {ratio:.2f})" if ratio else "")
         )
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
         if split:
             ax = axes[0, 1]
             labels = [f"u{i + 1}\nλ={lam:.3g}" for i, lam in enumerate(g["eigenvalues"])]
@@ -411,7 +411,15 @@ class _Doc:
         )
         self.md.append(f"![{caption}](figures/{name}.png)\n\n*{caption}*\n")
 
-    def table(self, head: Sequence[str], rows: Sequence[Sequence[object]], cls: str = "") -> None:
+    def table(
+        self,
+        head: Sequence[str],
+        rows: Sequence[Sequence[object]],
+        cls: str = "",
+        strong: set[tuple[int, int]] | None = None,
+    ) -> None:
+        """A table in both documents; ``strong`` cells (row, column) are emphasised."""
+        strong = strong or set()
         # A column of numbers is right-aligned (header included), anything else left.
         num = [
             i > 0 and all(_NUMERIC.match(str(r[i])) for r in rows) and bool(rows)
@@ -420,8 +428,13 @@ class _Doc:
         cls_ = [' class="num"' if n else "" for n in num]
         th = "".join(f"<th{cls_[i]}>{html.escape(h)}</th>" for i, h in enumerate(head))
         body = []
-        for r in rows:
-            tds = "".join(f"<td{cls_[i]}>{html.escape(str(x))}</td>" for i, x in enumerate(r))
+        for j, r in enumerate(rows):
+            tds = "".join(
+                f"<td{cls_[i]}>"
+                + (f"<b>{html.escape(str(x))}</b>" if (j, i) in strong else html.escape(str(x)))
+                + "</td>"
+                for i, x in enumerate(r)
+            )
             body.append(f"<tr>{tds}</tr>")
         self.html.append(
             f'<div class="scroll"><table class="{cls}"><thead><tr>{th}</tr></thead>'
@@ -430,8 +443,10 @@ class _Doc:
         esc = [str(h).replace("|", "\\|") for h in head]
         self.md.append("| " + " | ".join(esc) + " |")
         self.md.append("|" + "|".join("---:" if n else "---" for n in num) + "|")
-        for r in rows:
-            self.md.append("| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |")
+        for j, r in enumerate(rows):
+            cells = [str(x).replace("|", "\\|") for x in r]
+            cells = [f"**{c}**" if (j, i) in strong else c for i, c in enumerate(cells)]
+            self.md.append("| " + " | ".join(cells) + " |")
         self.md.append("")
 
     def raw_html(self, text: str) -> None:
@@ -464,6 +479,10 @@ table { border-collapse:collapse; font-size:12.5px; min-width:50%; }
 th, td { padding:4px 9px; border-bottom:1px solid var(--line); white-space:nowrap; text-align:left; }
 th { background:#f0f3f6; font-weight:600; position:sticky; top:0; }
 th.num, td.num { text-align:right; font-variant-numeric: tabular-nums; }
+table.results td:first-child, table.results th:first-child { position:sticky; left:0; background:#fff; z-index:1; }
+table.results td:last-child, table.results th:last-child { position:sticky; right:0; background:#f4f7fb;
+  border-left:1px solid var(--line); }
+table.results th { background:#f0f3f6; }
 tbody tr:nth-child(even) { background:#fafbfc; }
 .verdicts { list-style:none; padding:0; margin:8px 0; }
 .verdicts li { border-left:4px solid #999; background:#fafbfc; padding:8px 12px; margin:8px 0; border-radius:0 6px 6px 0; }
@@ -569,11 +588,19 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     doc.raw_html('<section id="plan">')
     doc.h(2, "The plan", "plan-h")
     evs = ", ".join(f"{x:.1%}" for x in plan.get("explained_variance", []))
-    doc.p(
-        f"Representative gradients at θ0 → cosine matrix → PCA to r = {plan['rank']} conflict "
-        f"axes (explained variance {evs}) → recursive sample-balanced median splits → K = {k} "
-        "groups. Merge weights w_k = N_k / Σ N_j (train tokens)."
+    method = plan.get("method", "median")
+    how = (
+        "recursive sample-balanced median splits"
+        if method == "median"
+        else f"the {method} splitter"
     )
+    doc.p(
+        f"Representative gradients at θ0 → cosine matrix → PCA to r = {plan.get('rank', '?')} "
+        f"conflict axes (explained variance {evs}) → {how} → K = {k} groups. Merge weights "
+        "w_k = N_k / Σ N_j (train tokens)."
+    )
+    for w in plan.get("warnings") or []:
+        doc.p(f"Plan warning: {w}")
     grows = []
     for g in plan["groups"]:
         fams: dict[str, int] = {}
@@ -718,7 +745,15 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
                 if ci:
                     avg += f" [{_cell(ci[0], unit)}, {_cell(ci[1], unit)}]"
                 rows.append([m, *[_cell(v, unit) for v in ft.rows[m]], avg])
-            doc.table(head, rows, cls="results")
+            # The best model of each column (highest accuracy, lowest NLL), ties included.
+            strong = set()
+            for c in range(len(ft.columns) + 1):
+                vals = [(ft.rows[m] + [ft.average[m]])[c] for m in order]
+                known = [v for v in vals if v is not None]
+                if known and len(set(known)) > 1:
+                    best = max(known) if metric == "accuracy" else min(known)
+                    strong |= {(r, c + 1) for r, v in enumerate(vals) if v == best}
+            doc.table(head, rows, cls="results", strong=strong)
         doc.p(
             "Columns: dataset families (number of datasets); every dataset counts once. Multiple "
             "choice is scored by log-likelihood normalised by answer length; generative answers "
