@@ -61,8 +61,17 @@ def main() -> None:
     ap.add_argument("--datasets", type=int, default=32, help="datasets for the per-sequence loop")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's); on a busy shared machine 1 avoids OpenMP "
+        "threads waiting on each other, which makes small operations ~10× slower",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
 
     cfg = DataConfig(bigbench=args.bigbench, split={"eval": 8, "calibration": 16, "train": 32})
     mix = load_mixture(cfg, Path(args.bigbench), base_examples=64, hashes=False)

@@ -104,7 +104,7 @@ def test_extend_gram_reuses_known_rows():
 def test_rescaled_bootstrap_spreads_like_a_new_sample():
     """Over many draws, a rescaled bootstrap mean scatters around the sample mean as much as an
     independent new sample's mean scatters around the truth (plain bootstrap: (M−1)/M of it)."""
-    truth, parts, tokens = _parts(t=1, m=4, d=400, noise=2.0, seed=5)
+    _truth, parts, tokens = _parts(t=1, m=4, d=400, noise=2.0, seed=5)
     pg = PartGram.from_parts(parts, tokens)
     stacked = np.concatenate(parts)
     rng = np.random.default_rng(0)
