@@ -101,6 +101,11 @@ class CountSketch:
             self._cached += stop
         return slots
 
+    def prepare(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Build the slot tables of these parameters now (e.g. before timing a pass)."""
+        for name, p in named:
+            self._slots(name, 0, p.numel(), p.device)
+
     def accumulator(self, device=None) -> torch.Tensor:
         """A zero signed accumulator (2d floats)."""
         return torch.zeros(2 * self.spec.dim, dtype=torch.float32, device=device)
