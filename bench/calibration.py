@@ -16,9 +16,12 @@ of every dataset's calibration samples is held in memory (2 × T × P fp32), so 
 * the sampling noise is measured the same way: the cosines of one half of the samples against
   the other half (two independent draws of ``calibration / 2`` samples).
 
-Sketch cost: a streaming pass (merit's default: post-accumulate-grad hooks, d = 2^18) over
-``--time-datasets`` datasets, hook time as a fraction of the rest of forward + backward; and the
-accumulate-then-sketch pass's sketch time likewise. Peak memory: each mode in a child process on
+Sketch cost: calibration passes over ``--time-datasets`` datasets, the time spent sketching as a
+fraction of the rest of forward + backward. Streaming (merit's default: post-accumulate-grad
+hooks, d = 2^18) sketches once per backward pass, so it is timed at 8, 16 and 32 examples per
+pass; accumulate-then-sketch once per part. The sketch costs O(P) per pass and forward +
+backward O(P · tokens), so the fraction falls as 1 / (tokens per backward pass), printed too.
+Peak memory: each mode in a child process on
 the same model, VmHWM reset (``/proc/self/clear_refs``) after set-up, so the figure is what
 calibration itself adds over weights + hash tables.
 """
@@ -328,25 +331,28 @@ def main() -> None:
     print(f"  projection done; timing passes ({time.perf_counter() - t_start:.0f}s)", flush=True)
     timing = {}
     few = names[: args.time_datasets]
-    # (label, streaming, parts, batch): merit's default (8 parts, batch 8), accumulate-then-
-    # sketch, and streaming with 16-example backward passes (4 parts, batch 16).
-    for label, streaming, n_parts, batch in (
-        ("streaming", True, 8, args.batch_size),
-        ("accumulate", False, 8, args.batch_size),
-        ("streaming16", True, 4, 2 * args.batch_size),
-    ):
+    # The sketch costs O(P) per backward pass, forward + backward O(P · tokens in the pass): the
+    # fraction falls as 1/(tokens per pass). Streaming sketches once per backward pass, so it is
+    # timed at 8, 16 and 32 examples per pass (one pass per part); accumulate-then-sketch
+    # sketches once per part (8 parts of `--batch-size` examples). Slot tables are built first.
+    variants = [("accumulate", False, 8, args.batch_size)]
+    variants += [(f"streaming{b}", True, max(1, args.calibration // b), b) for b in (8, 16, 32)]
+    for label, streaming, n_parts, batch in variants:
         sk = CountSketch(SketchSpec(2**18, args.seed))
-        sk.prepare(trainable_parameters(model))  # slot tables built outside the timing
+        sk.prepare(trainable_parameters(model))
         sketch_s = total_s = 0.0
+        passes = tokens = 0
         for n in few:
             parts = split_parts(len(cal[n]), n_parts, args.seed, n)
+            passes += sum(math.ceil(len(q) / batch) for q in parts)
+            tokens += sum(len(e.input_ids) for e in cal[n])
             t0 = time.perf_counter()
             c = mean_gradient_sketch(
                 model, cal[n], sk, batch, pad, parts=parts, fold_dim=2**14, streaming=streaming
             )
             total_s += time.perf_counter() - t0
             sketch_s += c.sketch_seconds
-        timing[label] = sketch_s / (total_s - sketch_s)
+        timing[label] = (sketch_s / (total_s - sketch_s), tokens / passes, n_parts, batch)
     mem = measure_memory(len(tok), 64, 2**18)
 
     print(f"\n== issue 3: calibration compression ({time.strftime('%Y-%m-%d')}) ==")
@@ -366,12 +372,13 @@ def main() -> None:
         f"{'sampling noise':<24} {'':>9} {noise:>17.5f}   (cosines of two disjoint halves of "
         f"{args.calibration // 2} samples each)"
     )
-    print(
-        "sketch time / rest of calibration forward+backward (d=2^18): streaming (8 parts, "
-        f"batch {args.batch_size}) {timing['streaming']:.1%}, accumulate-then-sketch "
-        f"{timing['accumulate']:.1%}, streaming with 16-example passes (4 parts, batch "
-        f"{2 * args.batch_size}) {timing['streaming16']:.1%}"
-    )
+    print("sketch time / rest of calibration forward+backward (d=2^18):")
+    for label, (frac, per_pass, n_parts, batch) in timing.items():
+        mode = "accumulate-then-sketch" if label == "accumulate" else "streaming (merit's default)"
+        print(
+            f"  {mode:<28} {n_parts} parts × batch {batch:>2} ({per_pass:>5.0f} tokens per "
+            f"backward pass): {frac:6.1%}"
+        )
     a, s = mem["accumulate"], mem["streaming"]
     print(
         f"peak memory added by calibration (batch 1 × 64 tokens, 4 micro-batches): "

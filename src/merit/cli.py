@@ -386,9 +386,6 @@ def main(argv: list[str] | None = None) -> int:
                 done = pipeline.train(
                     run, branch=args.branch, baseline=args.baseline, plan_sha256=args.plan_sha256
                 )
-            except Preempted as err:
-                print(f"merit: {err}", file=sys.stderr)
-                return EXIT_PREEMPTED
             except LaunchError as err:
                 print(f"merit: error: {err}", file=sys.stderr)
                 return 1
@@ -427,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"merit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as err:  # SIGTERM/SIGUSR1 in any training (a branch, the demo's θ0, ...)
+        print(f"merit: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

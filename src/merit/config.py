@@ -289,6 +289,11 @@ class RuntimeConfig(_Section):
         None, ge=1, description="torch intra-op threads; null = torch default"
     )
     progress: bool = True
+    keep_freed_memory: bool = Field(
+        True,
+        description="keep freed memory in glibc's heap instead of unmapping it (CPU training spends "
+        "far less time in the kernel; see merit.modeling.keep_freed_memory)",
+    )
     cache_dir: str | None = Field(None, description="null = $MERIT_CACHE or ~/.cache/merit")
     # Branch checkpoints and launchers (issue 4). Resume is exact, so none of these changes a
     # result: they are "how", not "what".
