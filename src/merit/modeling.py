@@ -28,7 +28,8 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
     return torch.device(runtime.device)
 
 
-def apply_threads(runtime: RuntimeConfig) -> None:
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Process-wide settings of ``runtime``: torch's threads and the allocator's behaviour."""
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     if runtime.keep_freed_memory:

@@ -25,7 +25,7 @@ from merit.conflict import PartGram, cosine_from_gram
 from merit.gradients import Calibration, SketchSpec, calibrate_model, spec_dict
 from merit.mixture import Encoded, Mixture, encode, load_mixture
 from merit.modeling import (
-    apply_threads,
+    apply_runtime,
     cache_dir,
     fingerprint,
     load_model,
@@ -82,7 +82,7 @@ class Run:
     def __post_init__(self) -> None:
         self.paths = RunPaths(Path(self.cfg.run_dir))
         self.device = resolve_device(self.cfg.runtime)
-        apply_threads(self.cfg.runtime)
+        apply_runtime(self.cfg.runtime)
         self.progress = self.cfg.runtime.progress
         self.cache = cache_dir(self.cfg.runtime)
 
