@@ -3,10 +3,10 @@
     python bench/branches.py            # ~5 min on 2 CPU cores; prints the figures
 
 A small Llama θ0 (built from a ``LlamaConfig``, with merit's locally trained ChatML tokenizer) and
-8 BIG-bench multiemo tasks of similar length (``$MERIT_BIGBENCH`` or ../shared/data/bigbench), planned once into K=2
-groups under ``/tmp/merit-bench-branches``. Then the same two branches are trained from scratch,
-each time through the real CLI (``merit train CONFIG --launcher ...``), every branch a
-subprocess with its own thread budget:
+8 BIG-bench multiemo tasks of similar length (``$MERIT_BIGBENCH`` or ../shared/data/bigbench),
+planned once into K=2 groups under ``/tmp/merit-bench-branches``. Then the same two branches are
+trained from scratch, each time through the real CLI (``merit train CONFIG --launcher ...``),
+every branch a subprocess with its own thread budget:
 
 * sequential, 1 thread per branch (``--parallel 1 runtime.threads=1``);
 * sequential, 2 threads per branch (the same total threads as the parallel run);
@@ -50,13 +50,13 @@ def build_base(path: Path, data: Path, tasks: list[str], hidden: int, layers: in
         return path
     from merit.config import DemoBaseConfig
     from merit.data import load_dataset
-    from merit.demo import build_model, build_tokenizer
+    from merit.demo import build_model, build_tokenizer, example_texts
 
-    texts = []
-    for t in tasks:
-        for ex in load_dataset(t, str(data / f"{t}.json.gz"), "bigbench").examples[:200]:
-            texts.extend(m["content"] for m in ex.messages)
-            texts.append(ex.answer)
+    texts = example_texts(
+        ex
+        for t in tasks
+        for ex in load_dataset(t, str(data / f"{t}.json.gz"), "bigbench").examples[:200]
+    )
     tok = build_tokenizer(texts, 4096)
     cfg = DemoBaseConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers)
     build_model(cfg, tok, 256, 0).save_pretrained(path)

@@ -42,7 +42,7 @@ import torch
 
 from merit.config import DataConfig, DatasetSpec, SplitConfig
 from merit.conflict import cosine_from_gram, offdiag_pearson
-from merit.demo import build_tokenizer
+from merit.demo import build_tokenizer, example_texts
 from merit.gradients import (
     CountSketch,
     SketchSpec,
@@ -247,12 +247,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     mix = load_tasks(args.datasets, args.calibration, args.base_examples, args.seed)
-    texts = []
-    for d in mix.datasets:
-        for split in ("base", "calibration"):
-            for ex in d.examples(split):
-                texts.extend(m["content"] for m in ex.messages)
-                texts.append(ex.answer)
+    texts = example_texts(
+        ex for d in mix.datasets for split in ("base", "calibration") for ex in d.examples(split)
+    )
     tok = build_tokenizer(texts, args.vocab)
     pad = tok.pad_token_id
     model = build_model(len(tok), pad, tok.eos_token_id, args.max_length, args.seed)

@@ -5,7 +5,7 @@
 Scoring is the bulk of `merit evaluate` (every eval answer plus every multiple-choice option of
 every dataset is a sequence whose answer-token log-likelihood is needed). On the BIG-bench
 mixture with the demo's geometry (a 1.4M-parameter Llama, 4k vocabulary, 8 eval examples per
-dataset, max length 256) three ways to score the same sequences are timed:
+dataset, max length 256) four ways to score the same sequences are timed:
 
 * merit: a multiple-choice question's prompt runs once for its reference answer and all its
   options (KV cache reused), everything batched across datasets, logits only at answer
@@ -16,7 +16,7 @@ dataset, max length 256) three ways to score the same sequences are timed:
   issue 6);
 * one sequence at a time, full logits (what a per-example loop does).
 
-All three must agree (max |Δ log p| is printed). Reported: the time of each as a ratio to
+All four must agree (max |Δ log p| is printed). Reported: the time of each as a ratio to
 merit's, measured in one run, interleaved, best of ``--repeats``. The model is randomly
 initialised (scoring cost does not depend on the weights); the tokenizer is merit's demo BPE
 trained on the prompts.
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merit.config import DataConfig
-from merit.demo import build_tokenizer
+from merit.config import DataConfig, DemoBaseConfig
+from merit.demo import build_model, build_tokenizer
 from merit.evaluation import sequence_logprobs
 from merit.gradients import pad_batch
 from merit.mixture import IGNORE, encode, encode_choices, load_mixture
@@ -79,20 +79,9 @@ def main() -> None:
     prompts = [text for exs in examples.values() for text in _texts(exs)]
     tok = build_tokenizer(prompts[:20000], vocab_size=4096)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-        )
-    ).eval()
+    # merit's demo θ0 architecture (untrained: only speed and agreement are measured here).
+    arch = DemoBaseConfig(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4)
+    model = build_model(arch, tok, max_length=256, seed=0).eval()
 
     def sequences(names):
         seqs = []

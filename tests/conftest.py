@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 WORDS = [
     "apple",
@@ -89,25 +88,12 @@ def write_mixture(root: Path, n: int = 60) -> list[dict]:
 
 def build_tiny_base(path: Path, texts: list[str], seed: int = 0) -> Path:
     """A tiny Llama with a locally trained tokenizer and chat template, saved like a hub model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from merit.demo import build_tokenizer
+    from merit.config import DemoBaseConfig
+    from merit.demo import build_model, build_tokenizer
 
     tok = build_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
+    arch = DemoBaseConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    model = build_model(arch, tok, max_length=128, seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

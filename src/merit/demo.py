@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def example_texts(examples: Iterable) -> list[str]:
+    """The texts a tokenizer is trained on: every message of each example, and its answer."""
+    texts = []
+    for ex in examples:
+        texts.extend(m["content"] for m in ex.messages)
+        texts.append(ex.answer)
+    return texts
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -109,12 +119,9 @@ def build_demo_base(
     target = cache / "base" / f"demo-{key}"
     if (target / "config.json").is_file():
         return target
-    texts = []
-    for d in mixture.datasets:
-        for split in ("base", "train"):
-            for ex in d.examples(split):
-                texts.extend(m["content"] for m in ex.messages)
-                texts.append(ex.answer)
+    texts = example_texts(
+        ex for d in mixture.datasets for split in ("base", "train") for ex in d.examples(split)
+    )
     tokenizer = build_tokenizer(texts, cfg.vocab_size)
     model = build_model(cfg, tokenizer, max_length, seed).to(device)
     examples = [ex for d in mixture.datasets for ex in d.examples("base")]
