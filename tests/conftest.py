@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 WORDS = [
     "apple",
@@ -96,6 +97,27 @@ def build_tiny_base(path: Path, texts: list[str], seed: int = 0) -> Path:
     model = build_model(arch, tok, max_length=128, seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+# The sections every CLI test's tiny run shares; each test updates the sections it varies.
+TINY_RUN = {
+    "model": {"max_length": 96},
+    "data": {"split": {"eval": 6, "calibration": 8, "train": 24}},
+    "calibration": {"batch_size": 8, "sketch_dim": 4096},
+    "planning": {"rank": 1},
+    "runtime": {"device": "cpu", "threads": 1, "progress": False},
+}
+
+
+def write_run_config(path: Path, run_dir: Path, specs, base: Path, **sections: dict) -> Path:
+    """Write a tiny run's YAML at ``path``: ``TINY_RUN`` with each of ``sections`` merged in."""
+    cfg: dict = {"run_dir": str(run_dir), **{k: dict(v) for k, v in TINY_RUN.items()}}
+    cfg["model"]["path"] = str(base)
+    cfg["data"]["datasets"] = specs
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(cfg))
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_mixture
+from conftest import write_mixture, write_run_config
 from merit.cli import main
 from merit.training import CHECKPOINT_MARKER, checkpoint_dirs, checkpoint_problem
 
@@ -31,18 +31,15 @@ BRANCH_TRAINING = {"learning_rate": 3e-3, "batch_size": 2, "epochs": 3, "baselin
 
 
 def _write_config(path: Path, run_dir: Path, specs, base, training=None) -> Path:
-    cfg = {
-        "run_dir": str(run_dir),
-        "model": {"path": str(base), "max_length": 96},
-        "data": {"datasets": specs, "split": {"eval": 6, "calibration": 8, "train": 24}},
-        "calibration": {"batch_size": 8, "sketch_dim": 4096},
-        "planning": {"rank": 1},
-        "training": training or BRANCH_TRAINING,
-        "evaluation": {"max_examples": 4, "max_generate": 0, "batch_size": 16},
-        "runtime": {"device": "cpu", "threads": 1, "progress": False, "checkpoint_steps": 5},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        path,
+        run_dir,
+        specs,
+        base,
+        training=training or BRANCH_TRAINING,
+        evaluation={"max_examples": 4, "max_generate": 0, "batch_size": 16},
+        runtime={"checkpoint_steps": 5},
+    )
 
 
 @pytest.fixture(scope="module")

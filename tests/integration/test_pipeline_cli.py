@@ -12,25 +12,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import write_run_config
 from merit.cli import main
 
 
-def _config(tmp_path: Path, specs: list[dict], base: Path, **extra) -> Path:
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"path": str(base), "max_length": 96},
-        "data": {"datasets": specs, "split": {"eval": 6, "calibration": 8, "train": 24}},
-        "calibration": {"batch_size": 8, "sketch_dim": 4096},
-        "planning": {"rank": 1},
-        "training": {"learning_rate": 3e-3, "batch_size": 8},
-        "evaluation": {"max_examples": 6, "max_generate": 3, "max_new_tokens": 6, "batch_size": 16},
-        "runtime": {"device": "cpu", "threads": 1, "progress": False},
-    }
-    for key, value in extra.items():
-        cfg[key] = value
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _config(tmp_path: Path, specs: list[dict], base: Path) -> Path:
+    return write_run_config(
+        tmp_path / "run.yaml",
+        tmp_path / "run",
+        specs,
+        base,
+        training={"learning_rate": 3e-3, "batch_size": 8},
+        evaluation={"max_examples": 6, "max_generate": 3, "max_new_tokens": 6, "batch_size": 16},
+    )
 
 
 def test_pipeline_end_to_end(tmp_path, mixture_specs, tiny_base, capsys):

@@ -9,24 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from conftest import write_run_config
 from merit.cli import main
 
 
 def _config(tmp_path: Path, specs, base: Path, name="run", **planning) -> Path:
-    cfg = {
-        "run_dir": str(tmp_path / name),
-        "model": {"path": str(base), "max_length": 96},
-        "data": {"datasets": specs, "split": {"eval": 6, "calibration": 8, "train": 24}},
-        "calibration": {"batch_size": 4, "sketch_dim": 4096, "microbatches": 4},
-        "planning": {"rank": 1, "bootstrap": 4, **planning},
-        "runtime": {"device": "cpu", "threads": 1, "progress": False},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        tmp_path / f"{name}.yaml",
+        tmp_path / name,
+        specs,
+        base,
+        calibration={"batch_size": 4, "microbatches": 4},
+        planning={"bootstrap": 4, **planning},
+    )
 
 
 def _png(path: Path) -> np.ndarray:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
+from conftest import write_run_config
 from merit.cli import main
 
 CHROMIUM_FLAGS = [
@@ -31,19 +31,15 @@ CHROMIUM_FLAGS = [
 def reported(tmp_path_factory, mixture_specs, tiny_base) -> Path:
     """A finished tiny run with its diagnostics and report (the CLI, as a user runs it)."""
     tmp = tmp_path_factory.mktemp("report")
-    cfg = {
-        "run_dir": str(tmp / "run"),
-        "model": {"path": str(tiny_base), "max_length": 96},
-        "data": {"datasets": mixture_specs, "split": {"eval": 6, "calibration": 8, "train": 24}},
-        "calibration": {"batch_size": 8, "sketch_dim": 4096},
-        "planning": {"rank": 1},
-        "training": {"learning_rate": 1e-3, "batch_size": 8},
-        "evaluation": {"max_examples": 6, "max_generate": 2, "max_new_tokens": 4, "batch_size": 16},
-        "diagnostics": {"examples": 20, "batch_size": 10, "lanczos_iters": 6, "top_eigen": 3},
-        "runtime": {"device": "cpu", "threads": 1, "progress": False},
-    }
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_run_config(
+        tmp / "run.yaml",
+        tmp / "run",
+        mixture_specs,
+        tiny_base,
+        training={"learning_rate": 1e-3, "batch_size": 8},
+        evaluation={"max_examples": 6, "max_generate": 2, "max_new_tokens": 4, "batch_size": 16},
+        diagnostics={"examples": 20, "batch_size": 10, "lanczos_iters": 6, "top_eigen": 3},
+    )
     assert main(["diagnose", str(path)]) == 0  # runs every stage it needs first
     assert main(["report", str(tmp / "run")]) == 0  # a run directory works as well
     return tmp / "run"
