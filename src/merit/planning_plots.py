@@ -27,6 +27,13 @@ def _colors(k: int):
     return [cmap(i % cmap.N) for i in range(k)]
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def cosine_plot(plan: dict, path: Path) -> Path:
     plt = _pyplot()
     c = np.asarray(plan["cosine"])
@@ -49,10 +56,7 @@ def cosine_plot(plan: dict, path: Path) -> Path:
         ax.set_yticks([])
     ax.set_title(f"gradient cosines, ordered by group (K={plan['K']}, {plan.get('method')})")
     fig.colorbar(im, ax=ax, shrink=0.8, label="cosine (off-diagonal range)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pca_plot(plan: dict, path: Path) -> Path:
@@ -75,10 +79,7 @@ def pca_plot(plan: dict, path: Path) -> Path:
     ax.set_ylabel(f"conflict axis 2 ({ev[1]:.1%})")
     ax.set_title("datasets in the first two PCA axes of the cosine matrix")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def scree_plot(plan: dict, path: Path) -> Path:
@@ -93,10 +94,7 @@ def scree_plot(plan: dict, path: Path) -> Path:
     ax.set_ylabel("explained variance")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stability_plot(plan: dict, path: Path) -> Path | None:
@@ -126,10 +124,7 @@ def stability_plot(plan: dict, path: Path) -> Path | None:
     ax.set_title(
         "assignment stability" + (f" (ARI between resampled plans {ari:.2f})" if ari else "")
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plan_plots(plan: dict, out_dir: str | Path) -> list[Path]:
