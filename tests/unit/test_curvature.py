@@ -55,6 +55,19 @@ def _mixture_loss(model, data, pi, theta):
         return sum(float(p) * float(model.loss(x, y)) for p, (x, y) in zip(pi, data))
 
 
+def _at_theta0(model, data, tokens):
+    """Parameters, loss terms, mixture weights π, θ0, per-dataset gradients, L(θ0) and ḡ at θ0."""
+    params = list(model.parameters())
+    terms = _terms(model, data)
+    pi = tokens / tokens.sum()
+    theta0 = _flat_params(model).clone()
+    est = torch.stack([gradient(params, tm)[1].double() for tm in terms])
+    loss0 = _mixture_loss(model, data, pi, theta0)
+    _set_flat(model, theta0)
+    gh = sum(float(p) * est[t] for t, p in enumerate(pi))
+    return params, terms, pi, theta0, est, loss0, gh
+
+
 def test_hvp_equals_explicit_hessian():
     model, data, _ = _problem()
     params = list(model.parameters())
@@ -78,14 +91,7 @@ def test_hvp_gain_equals_quadratic_loss_difference(groups):
     model, data, tokens = _problem()
     groups = np.array(groups)
     k = groups.max() + 1
-    params = list(model.parameters())
-    terms = _terms(model, data)
-    pi = tokens / tokens.sum()
-    theta0 = _flat_params(model).clone()
-    est = torch.stack([gradient(params, tm)[1].double() for tm in terms])
-    loss0 = _mixture_loss(model, data, pi, theta0)
-    _set_flat(model, theta0)
-    gh = sum(float(p) * est[t] for t, p in enumerate(pi))
+    params, terms, pi, theta0, est, loss0, gh = _at_theta0(model, data, tokens)
     # The same partition under other labels is the same candidate.
     relabeled = (groups + 1) % k
     cur = curvature(params, est, gh, loss0, terms, tokens, [groups, relabeled], int(k))
@@ -110,14 +116,7 @@ def test_merged_loss_prediction_is_second_order_exact():
     model, data, tokens = _problem()
     groups = np.array([0, 0, 1, 1, 2, 2])
     k = 3
-    params = list(model.parameters())
-    terms = _terms(model, data)
-    pi = tokens / tokens.sum()
-    theta0 = _flat_params(model).clone()
-    est = torch.stack([gradient(params, tm)[1].double() for tm in terms])
-    loss0 = _mixture_loss(model, data, pi, theta0)
-    _set_flat(model, theta0)
-    gh = sum(float(p) * est[t] for t, p in enumerate(pi))
+    params, terms, pi, theta0, est, loss0, gh = _at_theta0(model, data, tokens)
     cur = curvature(params, est, gh, loss0, terms, tokens, [groups], k)
     w = np.bincount(groups, weights=tokens, minlength=k) / tokens.sum()
     errors = []
