@@ -51,14 +51,13 @@ def keep_freed_memory() -> bool:
     time vanish; the process's peak memory is unchanged. A no-op where glibc is absent.
     """
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols already loaded in this process: its own malloc, no library search.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # 32 MiB: glibc's maximum on 64-bit
