@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merit.artifacts import sha256_file
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "json", "parquet", "hf", "bigbench")
@@ -655,21 +657,13 @@ def _pypi_sdist() -> tuple[str, str, int]:
     raise OSError(f"cannot find the bigbench {_BB_VERSION} sdist on PyPI ({last_error})")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_sdist(cache_dir: Path) -> Path:
     """Download (or reuse) ``cache_dir/bigbench-1.0.0.tar.gz``, verified against PyPI's sha256."""
     from tqdm.auto import tqdm
 
     url, sha256, size = _pypi_sdist()
     target = cache_dir / url.rsplit("/", 1)[-1]
-    if target.is_file() and _sha256(target) == sha256:
+    if target.is_file() and sha256_file(target) == sha256:
         return target
     partial = target.with_name(target.name + ".part")
     digest = hashlib.sha256()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merit.artifacts import RunPaths, read_json, write_json
+from merit.artifacts import RunPaths, read_json, sha256_file, write_json
 from merit.config import ConfigError, RunConfig, save_config
 from merit.conflict import PartGram, cosine_from_gram
 from merit.gradients import Calibration, SketchSpec, calibrate_model, spec_dict
@@ -62,14 +62,6 @@ def resolve_bigbench(setting: str | None, cache: Path, progress: bool = True) ->
     from merit.data import fetch_bigbench
 
     return fetch_bigbench(cache)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -362,7 +354,7 @@ def calibrate(run: Run, add: bool = False) -> dict:
             and rec.get("base_fingerprint") == run.base_fingerprint
             and rec.get("datasets") == names
             and rec.get("data_ids") == ids
-            and rec.get("sketches_sha256") == _sha256_file(run.paths.sketches)
+            and rec.get("sketches_sha256") == sha256_file(run.paths.sketches)
         ):
             rec["sketches"] = load_file(run.paths.sketches)
             if "gram" not in rec["sketches"]:  # written before the Gram was kept with them
@@ -371,7 +363,7 @@ def calibrate(run: Run, add: bool = False) -> dict:
                 tmp = run.paths.sketches.with_name(".sketches.tmp")
                 save_file(rec["sketches"], str(tmp))
                 os.replace(tmp, run.paths.sketches)
-                rec["sketches_sha256"] = _sha256_file(run.paths.sketches)
+                rec["sketches_sha256"] = sha256_file(run.paths.sketches)
                 write_json(run.paths.calibration, {k: v for k, v in rec.items() if k != "sketches"})
             return rec
         if add:
@@ -435,7 +427,7 @@ def calibrate(run: Run, add: bool = False) -> dict:
         os.replace(tmp, run.paths.sketches)
         rec = {
             **expect,
-            "sketches_sha256": _sha256_file(run.paths.sketches),
+            "sketches_sha256": sha256_file(run.paths.sketches),
             "datasets": names,
             "computed": todo,
             "sq_norms": [cal[n].sq_norm for n in names],
@@ -694,7 +686,7 @@ def make_plan(run: Run, add: bool = False) -> dict:
 
 
 def plan_hash(run: Run) -> str:
-    return _sha256_file(run.paths.plan)
+    return sha256_file(run.paths.plan)
 
 
 def plan_summary(plan: dict) -> str:
@@ -932,7 +924,7 @@ def _train_one(
                 f"{res.tokens_scheduled}"
             )
         weights = {
-            str(f.relative_to(out)): _sha256_file(f)
+            str(f.relative_to(out)): sha256_file(f)
             for sub in ("model", "adapter")
             for f in sorted((out / sub).glob("*"))
             if f.is_file() and f.suffix in (".safetensors", ".json")
@@ -1233,7 +1225,7 @@ def evaluate(run: Run) -> dict:
     for label, path in model_dirs(run, plan).items():
         slug = label.split(" (")[0].replace(" ", "_").replace("=", "").replace("θ0", "base")
         out = run.paths.eval_dir / f"{slug}.json"
-        stamp = _sha256_file(sorted(path.glob("*.safetensors"))[0])
+        stamp = sha256_file(sorted(path.glob("*.safetensors"))[0])
         if out.is_file():
             old = read_json(out)
             if old.get("weights_sha256") == stamp and old.get("version") == EVAL_VERSION:
@@ -1304,7 +1296,7 @@ def _diagnostics_stamp(run: Run, plan: dict, joint: Path | None) -> dict:
     return {
         "version": DIAGNOSTICS_VERSION,
         "base_fingerprint": run.base_fingerprint,
-        "manifests": {str(f.relative_to(run.paths.root)): _sha256_file(f) for f in files},
+        "manifests": {str(f.relative_to(run.paths.root)): sha256_file(f) for f in files},
         "settings": run.cfg.diagnostics.model_dump(mode="json"),
     }
 

@@ -18,7 +18,6 @@ raise :class:`Preempted`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from merit.artifacts import sha256_file, write_json
 from merit.config import TrainingConfig
 from merit.mixture import Encoded
 
@@ -175,20 +175,6 @@ def sft_config(
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def checkpoint_dirs(trainer_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every ``checkpoint-N`` directory, newest first."""
     trainer_dir = Path(trainer_dir)
@@ -209,12 +195,12 @@ def seal_checkpoint(ckpt: Path, step: int, tokens_seen: int, run_key: str) -> di
     (killed mid-write, or still being uploaded) is never resumed from.
     """
     files = {
-        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
         for f in sorted(ckpt.rglob("*"))
         if f.is_file() and f.name != CHECKPOINT_MARKER and not f.name.startswith(".")
     }
     marker = {"step": step, "tokens_seen": tokens_seen, "run_key": run_key, "files": files}
-    _write_json_atomic(ckpt / CHECKPOINT_MARKER, marker)
+    write_json(ckpt / CHECKPOINT_MARKER, marker)
     return marker
 
 
@@ -238,7 +224,7 @@ def checkpoint_problem(ckpt: Path, run_key: str) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != rec["size"]:
             return f"{name} has {f.stat().st_size} bytes, sealed with {rec['size']}"
-        if _sha256(f) != rec["sha256"]:
+        if sha256_file(f) != rec["sha256"]:
             return f"{name} differs from its sealed sha256"
     return None
 
@@ -360,7 +346,7 @@ def _branch_callback(
             if not force and now - self.last_write < 0.2:
                 return
             self.last_write = now
-            _write_json_atomic(
+            write_json(
                 progress_path,
                 {
                     "label": label,
