@@ -139,12 +139,12 @@ def exact_half_gradients(model, examples, name: str, batch: int, pad: int, seed:
 
 
 def sketch_flat(model, flat: torch.Tensor, sketcher: CountSketch) -> torch.Tensor:
-    acc = sketcher.accumulator()
+    out = torch.zeros(sketcher.spec.dim)
     i = 0
     for name, p in trainable_parameters(model):
-        sketcher.accumulate(acc, name, flat[i : i + p.numel()])
+        sketcher.add(out, name, flat[i : i + p.numel()])
         i += p.numel()
-    return sketcher.finish(acc)
+    return out
 
 
 def dense_projection(full_rows, size: int, dims: int, seed: int, chunk: int = 16384):
@@ -183,7 +183,7 @@ def memory_child(mode: str, vocab: int, seq: int, batches: int, dim: int) -> dic
     model = build_model(vocab, 0, 1, seq, 0).eval()
     spec = SketchSpec(dim, 0)
     sketcher = CountSketch(spec)
-    sketcher.prepare(trainable_parameters(model))  # slot tables built before the baseline
+    sketcher.prepare(trainable_parameters(model))  # hash tables built before the baseline
     g = torch.Generator().manual_seed(0)
     from merit.mixture import IGNORE, Encoded
 
@@ -331,7 +331,7 @@ def main() -> None:
     # The sketch costs O(P) per backward pass, forward + backward O(P · tokens in the pass): the
     # fraction falls as 1/(tokens per pass). Streaming sketches once per backward pass, so it is
     # timed at 8, 16 and 32 examples per pass (one pass per part); accumulate-then-sketch
-    # sketches once per part (8 parts of `--batch-size` examples). Slot tables are built first.
+    # sketches once per part (8 parts of `--batch-size` examples). Hash tables are built first.
     variants = [("accumulate", False, 8, args.batch_size)]
     variants += [(f"streaming{b}", True, max(1, args.calibration // b), b) for b in (8, 16, 32)]
     for label, streaming, n_parts, batch in variants:
@@ -382,7 +382,7 @@ def main() -> None:
         f"accumulate-then-sketch {a['added'] / 2**20:.1f} MiB, streaming {s['added'] / 2**20:.1f} "
         f"MiB (ratio {s['added'] / max(a['added'], 1):.2f}); a full fp32 gradient is "
         f"{a['params'] * 4 / 2**20:.1f} MiB, the largest parameter's {a['largest'] * 4 / 2**20:.1f} "
-        f"MiB, the signed accumulator (2d floats) {2**19 * 4 / 2**20:.1f} MiB"
+        f"MiB, the sketch (d floats) {2**18 * 4 / 2**20:.1f} MiB"
     )
     print(f"total bench time {time.perf_counter() - t_start:.0f}s")
 
