@@ -58,19 +58,21 @@ def test_hashes_depend_on_seed_and_name_only():
     assert set(a[1].tolist()) <= {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("dim", [1000, 2**18])
-def test_add_is_the_hash_definition(dim):
-    """The chunked fast path adds exactly Σ_i sign(i) x_i e_bucket(i), slices and bf16 too."""
+def test_add_is_the_hash_definition(dim, batched):
+    """Both fast paths (contiguous runs per chunk, the CPU's; grouped index_add_, a GPU's) add
+    exactly Σ_i sign(i) x_i e_bucket(i), for slices straddling chunks and for bf16 too."""
     from merit.gradients import CHUNK
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2 * CHUNK + 1234, generator=g)
-    cs = CountSketch(SketchSpec(dim, 5))
+    x = torch.randn(3 * CHUNK + 1234, generator=g)
+    cs = CountSketch(SketchSpec(dim, 5), batched=batched)
     bucket, sign = cs.hashes("w", 0, x.numel())
     expected = torch.zeros(dim).index_add_(0, bucket, x * sign)
     out = torch.zeros(dim)
-    for start in range(0, x.numel(), 50_000):  # slices that straddle chunk boundaries
-        cs.add(out, "w", x[start : start + 50_000], offset=start)
+    for start in range(0, x.numel(), 150_000):  # slices that straddle chunk boundaries
+        cs.add(out, "w", x[start : start + 150_000], offset=start)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     half = torch.zeros(dim)
     cs.add(half, "w", x.bfloat16())
