@@ -333,6 +333,11 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT, help="checkpoints and outputs")
     ap.add_argument("--build-only", action="store_true", help="build the checkpoints and stop")
     ap.add_argument("--skip-check", action="store_true", help="skip the bitwise/fp64 check")
+    ap.add_argument(
+        "--no-mergekit",
+        action="store_true",
+        help="merit and the floor only (where mergekit cannot be installed, e.g. offline)",
+    )
     args = ap.parse_args()
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
@@ -342,7 +347,7 @@ def main() -> None:
     dirs = build_checkpoints(root, len(WEIGHTS))
     if args.build_only:
         return
-    python = ensure_mergekit(args.venv)
+    python = None if args.no_mergekit else ensure_mergekit(args.venv)
     config = mergekit_config(dirs, root / "mergekit.yml")
     inputs = [str(f) for d in dirs for f in sorted(d.glob("*.safetensors"))]
     out_size = sum(Path(f).stat().st_size for f in dirs[0].glob("*.safetensors"))
@@ -368,6 +373,8 @@ def main() -> None:
             [python.parent / "mergekit-yaml", config, o, "--no-copy-tokenizer", "--quiet"]
         ),
     }
+    if python is None:
+        del contenders[MERGEKIT_]
     outs = {name: root / f"out-{i}" for i, name in enumerate(contenders)}
 
     def run(name: str) -> dict:
@@ -416,19 +423,23 @@ def main() -> None:
             f"{name:40} {m['wall'] / floor:10.2f} {inside:>10} {m['cpu'] / fcpu:10.2f} "
             f"{cpu_inside:>10} {m['anon'] / 2**20:6.0f} MiB"
         )
-    mk, cold, warm = best[MERGEKIT_], best[COLD], best[WARM]
+    cold, warm = best[COLD], best[WARM]
     print(
-        f"\nmerit vs mergekit, end to end: {mk['wall'] / cold['wall']:.2f}x faster cold, "
-        f"{mk['wall'] / warm['wall']:.2f}x with cached input hashes (target >= 2); CPU time "
-        f"{mk['cpu'] / cold['cpu']:.2f}x and {mk['cpu'] / warm['cpu']:.2f}x less"
-    )
-    print(
-        f"merit in-process / floor: {best[IN_COLD]['seconds'] / floor:.2f} cold, "
-        f"{best[IN_WARM]['seconds'] / floor:.2f} with cached input hashes (target <= 2); "
+        f"\n{os.cpu_count()} CPUs; merit in-process / floor: {best[IN_COLD]['seconds'] / floor:.2f} "
+        f"cold, {best[IN_WARM]['seconds'] / floor:.2f} with cached input hashes (target <= 2); "
         f"CPU time {best[IN_COLD]['cpu_inside'] / fcpu:.2f} and "
         f"{best[IN_WARM]['cpu_inside'] / fcpu:.2f}; "
         "interpreter start-up and `import merit.merging` "
         f"({best[IN_COLD]['import'] / floor:.2f} floors) excluded by timing inside the child"
+    )
+    if python is None:
+        print(f"merit's peak anonymous memory: {cold['anon'] / 2**20:.0f} MiB (mergekit not run)")
+        return
+    mk = best[MERGEKIT_]
+    print(
+        f"merit vs mergekit, end to end: {mk['wall'] / cold['wall']:.2f}x faster cold, "
+        f"{mk['wall'] / warm['wall']:.2f}x with cached input hashes (target >= 2); CPU time "
+        f"{mk['cpu'] / cold['cpu']:.2f}x and {mk['cpu'] / warm['cpu']:.2f}x less"
     )
     print(
         f"peak anonymous memory, merit / mergekit: {cold['anon'] / mk['anon']:.2f} "
