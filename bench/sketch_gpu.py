@@ -11,6 +11,7 @@ gradient, as a fraction of the latter: on a GPU, timers inside the hooks would s
 launches, not kernels. Both paths of ``CountSketch.add`` are timed: whole chunks grouped 64 to an
 ``index_add_`` (the default off the CPU) and two contiguous ``addcmul_`` per chunk (the CPU's).
 Each mode runs ``--repeats`` times interleaved after a warm-up; the best run of each is kept.
+``--accumulate`` times accumulate-then-sketch instead (one sketch per call, after all passes).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=4, help="backward passes per calibration call")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dim", type=int, default=2**18, help="sketch buckets d")
+    ap.add_argument(
+        "--accumulate",
+        action="store_true",
+        help="accumulate-then-sketch (one sketch per call) instead of streaming (one per pass)",
+    )
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,7 +101,9 @@ def main() -> None:
     def call(sk: CountSketch):
         sync()
         t = time.perf_counter()
-        cal = mean_gradient_sketch(model, examples, sk, args.batch, 0, streaming=True)
+        cal = mean_gradient_sketch(
+            model, examples, sk, args.batch, 0, streaming=not args.accumulate
+        )
         sync()
         return time.perf_counter() - t, cal
 
@@ -110,7 +118,8 @@ def main() -> None:
             sketches[name] = cal.sketch
     base = best["free only (baseline)"]
     tokens = args.batch * args.seq
-    print(f"\n== sketch cost in streaming calibration ({time.strftime('%Y-%m-%d')}) ==")
+    mode = "accumulate-then-sketch" if args.accumulate else "streaming"
+    print(f"\n== sketch cost in {mode} calibration ({time.strftime('%Y-%m-%d')}) ==")
     print(
         f"{n_params / 1e9:.2f}B-parameter Llama ({dtype}, {device}"
         f"{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}); "

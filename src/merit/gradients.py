@@ -172,16 +172,22 @@ class CountSketch:
         """Whole chunks, ``GROUP`` at a time with one index_add_: a few kernels per group rather
         than two per chunk (on a GPU, launches would dominate a 7B model's ~10^5 chunks)."""
         dev, dim = flat.device, self.spec.dim
-        windows = self.signs(dev).unfold(0, CHUNK, 1)  # windows[u] = τ[u : u + CHUNK], a view
-        sign, shift, window = (
-            torch.tensor(x[chunks.start : chunks.stop], device=dev) for x in table
-        )
-        k = torch.arange(CHUNK, device=dev)
+        # Row u + 2·CHUNK·[σ < 0] of the windows of [τ, −τ] is σ·τ[u : u + CHUNK]: one gather
+        # gives each chunk its signs. Buckets k + s_c < d + CHUNK go to a buffer folded mod d
+        # at the end, so no per-coordinate modulo.
+        tau = self.signs(dev)
+        windows = torch.cat([tau, -tau]).unfold(0, CHUNK, 1)
+        sign, shift, window = (x[chunks.start : chunks.stop] for x in table)
+        pick = torch.tensor([u + 2 * CHUNK * (s < 0) for s, u in zip(sign, window)], device=dev)
+        shifts = torch.tensor(shift, dtype=torch.int32, device=dev)[:, None]
+        k = torch.arange(CHUNK, dtype=torch.int32, device=dev)
+        folds = -(-(dim + CHUNK) // dim)
+        wide = torch.zeros(folds * dim, dtype=torch.float32, device=dev)
         rows = flat.view(-1, CHUNK)
         for g in range(0, rows.shape[0], GROUP):
-            sl = slice(g, g + GROUP)
-            v = rows[sl].to(torch.float32) * windows[window[sl]] * sign[sl, None]
-            out.index_add_(0, ((k + shift[sl, None]) % dim).view(-1), v.view(-1))
+            signed = rows[g : g + GROUP] * windows[pick[g : g + GROUP]]  # fp32 (promoted)
+            wide.index_add_(0, (k + shifts[g : g + GROUP]).view(-1), signed.view(-1))
+        out += wide.view(folds, dim).sum(0)
 
     def sketch_named(
         self, tensors: Iterable[tuple[str, torch.Tensor]], device=None
