@@ -91,6 +91,7 @@ class CountSketch:
         self.batched = batched  # None: grouped kernels off the CPU, contiguous runs on it
         self._tau: dict[str, torch.Tensor] = {}
         self._tables: dict[str, tuple[list[float], list[int], list[int]]] = {}
+        self._device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def _chunk_hashes(self, name: str, chunks: torch.Tensor):
         """Sign σ (±1 float), bucket shift s ∈ [0, d) and window offset u ∈ [0, CHUNK)."""
@@ -144,7 +145,7 @@ class CountSketch:
         if batched and len(whole):
             a, b = whole.start * CHUNK - offset, whole.stop * CHUNK - offset
             self._add_runs(out, flat[:a], offset, table)
-            self._add_grouped(out, flat[a:b], whole, table)
+            self._add_grouped(out, flat[a:b], name, whole, table)
             self._add_runs(out, flat[b:], offset + b, table)
         else:
             self._add_runs(out, flat, offset, table)
@@ -168,19 +169,29 @@ class CountSketch:
                 i, b = i + run, 0
             pos += n
 
-    def _add_grouped(self, out: torch.Tensor, flat: torch.Tensor, chunks: range, table) -> None:
+    def _add_grouped(
+        self, out: torch.Tensor, flat: torch.Tensor, name: str, chunks: range, table
+    ) -> None:
         """Whole chunks, ``GROUP`` at a time with one index_add_: a few kernels per group rather
         than two per chunk (on a GPU, launches would dominate a 7B model's ~10^5 chunks)."""
         dev, dim = flat.device, self.spec.dim
         # Row u + 2·CHUNK·[σ < 0] of the windows of [τ, −τ] is σ·τ[u : u + CHUNK]: one gather
         # gives each chunk its signs. Buckets k + s_c < d + CHUNK go to a buffer folded mod d
-        # at the end, so no per-coordinate modulo.
-        tau = self.signs(dev)
-        windows = torch.cat([tau, -tau]).unfold(0, CHUNK, 1)
-        sign, shift, window = (x[chunks.start : chunks.stop] for x in table)
-        pick = torch.tensor([u + 2 * CHUNK * (s < 0) for s, u in zip(sign, window)], device=dev)
-        shifts = torch.tensor(shift, dtype=torch.int32, device=dev)[:, None]
-        k = torch.arange(CHUNK, dtype=torch.int32, device=dev)
+        # at the end, so no per-coordinate modulo. The per-chunk tables are kept on the device:
+        # copying them from host memory on every pass would stall the GPU's queue.
+        key = (name, str(dev), chunks.start, chunks.stop)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            tau = self.signs(dev)
+            sign, shift, window = (x[chunks.start : chunks.stop] for x in table)
+            pick = [u + 2 * CHUNK * (s < 0) for s, u in zip(sign, window)]
+            cached = self._device_tables[key] = (
+                torch.cat([tau, -tau]).unfold(0, CHUNK, 1),
+                torch.tensor(pick, device=dev),
+                torch.tensor(shift, dtype=torch.int32, device=dev)[:, None],
+                torch.arange(CHUNK, dtype=torch.int32, device=dev),
+            )
+        windows, pick, shifts, k = cached
         folds = -(-(dim + CHUNK) // dim)
         wide = torch.zeros(folds * dim, dtype=torch.float32, device=dev)
         rows = flat.view(-1, CHUNK)
