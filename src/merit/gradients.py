@@ -196,7 +196,7 @@ class CountSketch:
         wide = torch.zeros(folds * dim, dtype=torch.float32, device=dev)
         rows = flat.view(-1, CHUNK)
         for g in range(0, rows.shape[0], GROUP):
-            signed = rows[g : g + GROUP] * windows[pick[g : g + GROUP]]  # fp32 (promoted)
+            signed = (rows[g : g + GROUP] * windows[pick[g : g + GROUP]]).to(torch.float32)
             wide.index_add_(0, (k + shifts[g : g + GROUP]).view(-1), signed.view(-1))
         out += wide.view(folds, dim).sum(0)
 
