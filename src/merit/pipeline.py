@@ -267,8 +267,11 @@ def _parameter_layout(run: Run) -> str:
 
         from merit.gradients import parameter_layout
 
+        # The config is read first: resolving θ0 may build it (the demo's), which must not
+        # happen on the meta device.
+        config = AutoConfig.from_pretrained(run.base_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run.base_dir))
+            model = AutoModelForCausalLM.from_config(config)
         run.__dict__["_layout"] = parameter_layout(model)
     return run.__dict__["_layout"]
 

@@ -162,3 +162,35 @@ def test_add_refuses_other_changes_and_foreign_sketches(tmp_path, mixture_specs,
     LlamaForCausalLM(cfg).save_pretrained(base)
     msg = error("plan", str(grown), "--add")
     assert "layout (parameter layout" in msg
+
+
+def test_plan_rebuilds_a_demo_base_missing_from_the_cache(tmp_path, mixture_specs):
+    """`model.path: demo`, θ0 gone from the cache after the data stage (another machine, a
+    cleared cache): `merit plan` rebuilds it. θ0's parameter layout used to be read on the meta
+    device, where building θ0 crashed."""
+    from merit.modeling import fingerprint
+
+    tiny_demo = {
+        "vocab_size": 300,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "steps": 2,
+        "batch_size": 4,
+        "examples_per_dataset": 2,
+    }
+    cfg = write_run_config(
+        tmp_path / "run.yaml",
+        tmp_path / "run",
+        mixture_specs,
+        Path("demo"),
+        model={"path": "demo", "demo": tiny_demo},
+        runtime={"cache_dir": str(tmp_path / "cache")},
+    )
+    assert main(["plan", str(cfg)]) == 0
+    shutil.rmtree(tmp_path / "cache")
+    assert main(["plan", str(cfg)]) == 0
+    (base,) = (tmp_path / "cache" / "base").glob("demo-*")
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["base_fingerprint"] == fingerprint(base)
