@@ -91,7 +91,7 @@ class CountSketch:
         self.batched = batched  # None: grouped kernels off the CPU, contiguous runs on it
         self._tau: dict[str, torch.Tensor] = {}
         self._tables: dict[str, tuple[list[float], list[int], list[int]]] = {}
-        self._device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._device_tables: dict[str | tuple, tuple[torch.Tensor, ...]] = {}
 
     def _chunk_hashes(self, name: str, chunks: torch.Tensor):
         """Sign σ (±1 float), bucket shift s ∈ [0, d) and window offset u ∈ [0, CHUNK)."""
@@ -179,19 +179,22 @@ class CountSketch:
         # gives each chunk its signs. Buckets k + s_c < d + CHUNK go to a buffer folded mod d
         # at the end, so no per-coordinate modulo. The per-chunk tables are kept on the device:
         # copying them from host memory on every pass would stall the GPU's queue.
-        key = (name, str(dev), chunks.start, chunks.stop)
-        cached = self._device_tables.get(key)
-        if cached is None:
+        if str(dev) not in self._device_tables:  # per device: the signed windows, k = 0..CHUNK-1
             tau = self.signs(dev)
-            sign, shift, window = (x[chunks.start : chunks.stop] for x in table)
-            pick = [u + 2 * CHUNK * (s < 0) for s, u in zip(sign, window)]
-            cached = self._device_tables[key] = (
+            self._device_tables[str(dev)] = (
                 torch.cat([tau, -tau]).unfold(0, CHUNK, 1),
-                torch.tensor(pick, device=dev),
-                torch.tensor(shift, dtype=torch.int32, device=dev)[:, None],
                 torch.arange(CHUNK, dtype=torch.int32, device=dev),
             )
-        windows, pick, shifts, k = cached
+        windows, k = self._device_tables[str(dev)]
+        key = (name, str(dev), chunks.start, chunks.stop)
+        if key not in self._device_tables:  # per parameter slice: each chunk's window and shift
+            sign, shift, window = (x[chunks.start : chunks.stop] for x in table)
+            pick = [u + 2 * CHUNK * (s < 0) for s, u in zip(sign, window)]
+            self._device_tables[key] = (
+                torch.tensor(pick, device=dev),
+                torch.tensor(shift, dtype=torch.int32, device=dev)[:, None],
+            )
+        pick, shifts = self._device_tables[key]
         folds = -(-(dim + CHUNK) // dim)
         wide = torch.zeros(folds * dim, dtype=torch.float32, device=dev)
         rows = flat.view(-1, CHUNK)
