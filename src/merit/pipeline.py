@@ -360,14 +360,6 @@ def calibrate(run: Run, add: bool = False) -> dict:
             and rec.get("sketches_sha256") == sha256_file(run.paths.sketches)
         ):
             rec["sketches"] = load_file(run.paths.sketches)
-            if "gram" not in rec["sketches"]:  # written before the Gram was kept with them
-                counts = [len(p) for p in rec["part_tokens"]]
-                rec["sketches"].update(_grams(rec["sketches"], names, counts, None))
-                tmp = run.paths.sketches.with_name(".sketches.tmp")
-                save_file(rec["sketches"], str(tmp))
-                os.replace(tmp, run.paths.sketches)
-                rec["sketches_sha256"] = sha256_file(run.paths.sketches)
-                write_json(run.paths.calibration, {k: v for k, v in rec.items() if k != "sketches"})
             return rec
         if add:
             old = rec
