@@ -49,7 +49,7 @@ def build_base(path: Path, data: Path, tasks: list[str], hidden: int, layers: in
     if (path / "config.json").is_file():
         return path
     from merit.config import DemoBaseConfig
-    from merit.data import load_dataset
+    from merit.data.formats import load_dataset
     from merit.demo import build_model, build_tokenizer, example_texts
 
     texts = example_texts(

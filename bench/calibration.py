@@ -40,19 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merit.calibrate.sketch import CountSketch, SketchSpec, mean_gradient_sketch, split_parts
 from merit.config import DataConfig, DatasetSpec, SplitConfig
-from merit.conflict import cosine_from_gram, offdiag_pearson
+from merit.data.mixture import encode, load_mixture
 from merit.demo import build_tokenizer, example_texts
-from merit.gradients import (
-    CountSketch,
-    SketchSpec,
-    mean_gradient_sketch,
-    pad_batch,
-    split_parts,
-    token_nll_sum,
-    trainable_parameters,
-)
-from merit.mixture import encode, load_mixture
+from merit.lm import pad_batch, token_nll_sum, trainable_parameters
+from merit.plan.conflict import cosine_from_gram, offdiag_pearson
 
 BIGBENCH = Path(os.environ.get("MERIT_BIGBENCH", "/work/shared/data/bigbench"))
 LLAMA = {
@@ -185,7 +178,7 @@ def memory_child(mode: str, vocab: int, seq: int, batches: int, dim: int) -> dic
     sketcher = CountSketch(spec)
     sketcher.prepare(trainable_parameters(model))  # hash tables built before the baseline
     g = torch.Generator().manual_seed(0)
-    from merit.mixture import IGNORE, Encoded
+    from merit.lm import IGNORE, Encoded
 
     ex = []
     for _ in range(batches):

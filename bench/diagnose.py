@@ -43,7 +43,7 @@ def _stage_reusing_artifacts(run_dir: Path, stage: str) -> None:
     from merit import pipeline
     from merit.artifacts import read_json, write_json
     from merit.config import load_config
-    from merit.evaluation import EVAL_VERSION
+    from merit.evaluate.scoring import EVAL_VERSION
 
     cfg = load_config(run_dir / "config.yaml", [f"run_dir={run_dir}", "runtime.progress=false"])
     run = pipeline.Run(cfg)

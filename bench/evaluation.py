@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from merit.config import DataConfig, DemoBaseConfig
+from merit.data.mixture import encode, encode_choices, load_mixture
 from merit.demo import build_model, build_tokenizer
-from merit.evaluation import sequence_logprobs
-from merit.gradients import pad_batch
-from merit.mixture import IGNORE, encode, encode_choices, load_mixture
+from merit.evaluate.scoring import sequence_logprobs
+from merit.lm import IGNORE, pad_batch
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ Every contender runs in its own child process, page cache warm, weights .4/.3/.2
 * floor: read every input file once and write one file as large as the output (a cat-like
   loop over a reused 16 MiB buffer), timed inside the child;
 * ``merit merge`` end to end (the CLI, wall time of the process);
-* merit in-process: ``merge_checkpoints`` timed inside a child after ``import merit.merging``
+* merit in-process: ``merge_checkpoints`` timed inside a child after ``import merit.merge.streaming``
   (that is: interpreter start-up and imports excluded);
 * ``mergekit-yaml`` end to end (linear, normalize false: the weights already sum to one).
 
@@ -224,7 +224,7 @@ def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 t0 = time.perf_counter()
-from merit.merging import merge_checkpoints
+from merit.merge.streaming import merge_checkpoints
 t1, c1 = time.perf_counter(), cpu()
 ckpts, weights, out, cache = json.loads(sys.argv[1])
 merge_checkpoints(
@@ -429,7 +429,7 @@ def main() -> None:
         f"cold, {best[IN_WARM]['seconds'] / floor:.2f} with cached input hashes (target <= 2); "
         f"CPU time {best[IN_COLD]['cpu_inside'] / fcpu:.2f} and "
         f"{best[IN_WARM]['cpu_inside'] / fcpu:.2f}; "
-        "interpreter start-up and `import merit.merging` "
+        "interpreter start-up and `import merit.merge.streaming` "
         f"({best[IN_COLD]['import'] / floor:.2f} floors) excluded by timing inside the child"
     )
     if python is None:

@@ -5,7 +5,7 @@
 A run on ``--datasets`` BIG-bench tasks (spread over the sorted task list) with merit's small θ0
 (``--base DIR``, or the demo θ0 built for this mixture) is planned with every splitter for
 K = ``--k`` groups, plus ``--random`` extra random balanced splits, and the true-H curvature
-scalars are measured at θ0 (``merit.curvature.measure``: gradients from the even calibration
+scalars are measured at θ0 (``merit.plan.curvature.measure``: gradients from the even calibration
 parts, held-out loss, gradient and Hessians from the odd parts).
 
 Then every candidate is *trained*: each group's branch starts from θ0 and takes ``--steps``
@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merit.calibrate.sketch import split_parts
 from merit.config import config_from_dict
-from merit.curvature import measure
-from merit.gradients import pad_batch, split_parts, token_nll_sum, trainable_parameters
+from merit.lm import pad_batch, token_nll_sum, trainable_parameters
 from merit.pipeline import Run, make_plan
-from merit.planning import (
+from merit.plan.curvature import measure
+from merit.plan.splitters import (
     PlanInputs,
     gain_hessian,
     gain_identity,

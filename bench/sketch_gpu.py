@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from merit.gradients import CountSketch, SketchSpec, mean_gradient_sketch, trainable_parameters
-from merit.mixture import IGNORE, Encoded
+from merit.calibrate.sketch import CountSketch, SketchSpec, mean_gradient_sketch
+from merit.lm import IGNORE, Encoded, trainable_parameters
 
 BIG = {"hidden": 4096, "layers": 32, "intermediate": 11008, "heads": 32, "vocab": 32000}
 SMALL = {"hidden": 512, "layers": 6, "intermediate": 1376, "heads": 8, "vocab": 8192}

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# -- merge (standalone) and verify-merge: only merit.merging is imported ------------------------
+# -- merge (standalone) and verify-merge: only merit.merge.streaming is imported ------------------------
 _STANDALONE_ONLY = (
     "weights",
     "normalize",
@@ -187,14 +187,14 @@ def _size(text: str) -> int:
     try:
         return int(float(number) * units[t[len(number) :]])
     except (KeyError, ValueError):
-        from merit.merging import MergeError
+        from merit.merge.streaming import MergeError
 
         raise MergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MiB)") from None
 
 
 def _merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
     """Run a standalone merge or verify-merge; None for a run-config merge (the pipeline's)."""
-    from merit.merging import MergeError
+    from merit.merge.streaming import MergeError
 
     try:
         if args.command == "verify-merge":
@@ -242,7 +242,7 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
     import os
     import time
 
-    from merit.merging import MergeError, describe_weights, merge_checkpoints
+    from merit.merge.streaming import MergeError, describe_weights, merge_checkpoints
 
     k = len(checkpoints)
     if args.weights is None:
@@ -299,7 +299,7 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
 
 
 def _verify_merge(args: argparse.Namespace) -> int:
-    from merit.merging import verify_merge
+    from merit.merge.streaming import verify_merge
 
     report = verify_merge(args.dir, check_inputs=not args.outputs_only)
     for problem in report["problems"]:
@@ -352,18 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     from merit.artifacts import write_json
+    from merit.calibrate.sketch import SpecMismatch
     from merit.config import ConfigError
-    from merit.data import DataError
-    from merit.gradients import SpecMismatch
-    from merit.planning import PlanError
+    from merit.data.formats import DataError
+    from merit.plan.splitters import PlanError
 
     try:
-        from merit.merging import MergeError
+        from merit.merge.streaming import MergeError
     except ImportError:  # pragma: no cover
         MergeError = ValueError
     from merit import pipeline
-    from merit.orchestration import EXIT_PREEMPTED, LaunchError
-    from merit.training import Preempted
+    from merit.train.launchers import EXIT_PREEMPTED, LaunchError
+    from merit.train.sft import Preempted
 
     try:
         cfg = _load(args)

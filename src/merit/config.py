@@ -186,7 +186,7 @@ class LoraConfig(_Section):
     """LoRA branches (PEFT): each branch trains low-rank adapters ΔW = s·B·A on θ0's linear layers.
 
     Merging averages the scaled products s·B_k·A_k, not A and B separately (the average of
-    products is not the product of averages); see ``merit.lora``.
+    products is not the product of averages); see ``merit.train.lora``.
     """
 
     r: int = Field(8, ge=1, description="adapter rank")
@@ -269,7 +269,7 @@ class DiagnosticsConfig(_Section):
     hvp_step: float = Field(1e-2, gt=0, description="finite-difference step, parameter units")
     top_eigen: int = Field(3, ge=1, description="top Hessian eigen-directions in the gain split")
     seed: int = 0
-    # When a premise counts as holding (see merit.diagnostics.verdicts).
+    # When a premise counts as holding (see merit.diagnose.premises.verdicts).
     barrier_tolerance: float = Field(0.02, ge=0, description="barrier / endpoint loss")
     flatness_tolerance: float = Field(
         0.05, ge=0, description="loss rise at perturbation scale 1, relative"
@@ -292,7 +292,7 @@ class RuntimeConfig(_Section):
     keep_freed_memory: bool = Field(
         True,
         description="keep freed memory in glibc's heap instead of unmapping it (CPU training spends "
-        "far less time in the kernel; see merit.modeling.keep_freed_memory)",
+        "far less time in the kernel; see merit.lm.keep_freed_memory)",
     )
     cache_dir: str | None = Field(None, description="null = $MERIT_CACHE or ~/.cache/merit")
     # Branch checkpoints and launchers (issue 4). Resume is exact, so none of these changes a

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from merit.config import DemoBaseConfig, TrainingConfig
-from merit.mixture import Mixture, encode, render
+from merit.data.mixture import Mixture, encode, render
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -113,7 +113,7 @@ def build_demo_base(
     progress: bool = True,
 ) -> Path:
     """Build (or find in ``cache``) the demo θ0 and return its model directory."""
-    from merit.training import train_sft
+    from merit.train.sft import train_sft
 
     key = demo_base_key(cfg, mixture, max_length, seed)
     target = cache / "base" / f"demo-{key}"

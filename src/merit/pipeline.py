@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from merit.artifacts import RunPaths, read_json, sha256_file, write_json
+from merit.calibrate.sketch import Calibration, SketchSpec, calibrate_model, spec_dict
 from merit.config import ConfigError, RunConfig, save_config
-from merit.conflict import PartGram, cosine_from_gram
-from merit.gradients import Calibration, SketchSpec, calibrate_model, spec_dict
-from merit.mixture import Encoded, Mixture, encode, load_mixture
-from merit.modeling import (
+from merit.data.mixture import Mixture, encode, load_mixture
+from merit.lm import (
+    Encoded,
     apply_runtime,
     cache_dir,
     fingerprint,
@@ -33,7 +33,8 @@ from merit.modeling import (
     local_model_dir,
     resolve_device,
 )
-from merit.planning import PlanError, group_weights
+from merit.plan.conflict import PartGram, cosine_from_gram
+from merit.plan.splitters import PlanError, group_weights
 
 SHARED_BIGBENCH = Path("../shared/data/bigbench")
 
@@ -59,7 +60,7 @@ def resolve_bigbench(setting: str | None, cache: Path, progress: bool = True) ->
         return Path(env)
     if SHARED_BIGBENCH.is_dir():
         return SHARED_BIGBENCH
-    from merit.data import fetch_bigbench
+    from merit.data.formats import fetch_bigbench
 
     return fetch_bigbench(cache)
 
@@ -265,7 +266,7 @@ def _parameter_layout(run: Run) -> str:
     if "_layout" not in run.__dict__:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from merit.gradients import parameter_layout
+        from merit.calibrate.sketch import parameter_layout
 
         # The config is read first: resolving θ0 may build it (the demo's), which must not
         # happen on the meta device.
@@ -278,7 +279,7 @@ def _parameter_layout(run: Run) -> str:
 
 def _sketch_spec(run: Run) -> dict:
     """Everything that must match for two calibrations' sketches to be compared (``--add``)."""
-    from merit.gradients import part_dim
+    from merit.calibrate.sketch import part_dim
 
     cc = run.cfg.calibration
     return spec_dict(
@@ -305,7 +306,7 @@ def _grams(sketches: dict, names: list[str], counts: list[int], old: dict | None
     """Gram of the dataset sketches (fp64) and of the part sketches (fp32 products), reusing
     the entries of an earlier calibration ``old`` (its record, with its tensors under "_tensors")
     so that only the new datasets' rows are computed."""
-    from merit.conflict import extend_gram
+    from merit.plan.conflict import extend_gram
 
     sk = sketches["sketches"].double().numpy()
     parts = sketches["parts"].numpy()
@@ -335,7 +336,7 @@ def calibrate(run: Run, add: bool = False) -> dict:
     """
     from safetensors.torch import load_file, save_file
 
-    from merit.gradients import check_spec
+    from merit.calibrate.sketch import check_spec
 
     prepare_data(run)
     cc = run.cfg.calibration
@@ -469,9 +470,9 @@ def _candidate_record(c, chosen: bool) -> dict:
 
 def _hessian_predictions(run: Run, names: list[str], tokens, candidates, k: int) -> dict:
     """True-H gain and merged-loss predictions for every available candidate (in place)."""
-    from merit.curvature import measure
-    from merit.gradients import split_parts
-    from merit.planning import gain_hessian, joint_loss, merged_loss
+    from merit.calibrate.sketch import split_parts
+    from merit.plan.curvature import measure
+    from merit.plan.splitters import gain_hessian, joint_loss, merged_loss
 
     cc, pc = run.cfg.calibration, run.cfg.planning
     if cc.microbatches < 2:
@@ -545,7 +546,7 @@ def make_plan(run: Run, add: bool = False) -> dict:
     With ``add``, only datasets new to the calibration are calibrated, and the plan records which
     datasets changed group.
     """
-    from merit.planning import (
+    from merit.plan.splitters import (
         PlanInputs,
         changed_groups,
         choose,
@@ -670,7 +671,7 @@ def make_plan(run: Run, add: bool = False) -> dict:
         "changes": changes,
         "cosine": np.round(c, 6).tolist(),
     }
-    from merit.planning_plots import write_plan_plots
+    from merit.plan.figures import write_plan_plots
 
     plan["plots"] = [
         str(p.relative_to(run.paths.root))
@@ -852,11 +853,11 @@ def _train_one(
 ) -> dict:
     """Train one branch (or baseline) idempotently: skip if done, else resume, then a manifest.
 
-    Raises :class:`merit.training.Preempted` after checkpointing on SIGTERM / SIGUSR1.
+    Raises :class:`merit.train.sft.Preempted` after checkpointing on SIGTERM / SIGUSR1.
     """
     import shutil
 
-    from merit.training import train_sft
+    from merit.train.sft import train_sft
 
     p_hash = plan_hash(run)
     _verify_job_inputs(run, plan, names, label)
@@ -1010,7 +1011,7 @@ def _write_launch_config(run: Run) -> None:
 
 def branch_commands(run: Run, kind: str) -> str:
     """The branch (and baseline) commands for another scheduler: shell, slurm or skypilot."""
-    from merit.orchestration import Job, print_commands
+    from merit.train.launchers import Job, print_commands
 
     plan = make_plan(run)
     p_hash = plan_hash(run)
@@ -1045,7 +1046,7 @@ def train(
             with run.timed("train branches" if kind == "branch" else f"train {label}"):
                 out.append(_train_one(run, plan, d, names, label, tokens, group))
         return out
-    from merit import orchestration as orch
+    from merit.train import launchers as orch
 
     p_hash = plan_hash(run)
     _write_launch_config(run)
@@ -1087,7 +1088,7 @@ def train(
 def verify_branches(run: Run, plan: dict) -> list[Path]:
     """Every branch finished, from this θ0 and plan, on the planned token budget, with the weights
     its manifest lists; else one error listing every problem."""
-    from merit.merging import cached_sha256
+    from merit.merge.streaming import cached_sha256
 
     problems = []
     p_hash = plan_hash(run)
@@ -1142,7 +1143,7 @@ def verify_branches(run: Run, plan: dict) -> list[Path]:
 
 def merge(run: Run) -> dict:
     """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ N_j (paper eq. 3), streamed into ``merged/``."""
-    from merit.merging import merge_checkpoints
+    from merit.merge.streaming import merge_checkpoints
 
     plan = make_plan(run)
     mp = run.paths.merged / "merge_manifest.json"
@@ -1176,8 +1177,8 @@ def merge(run: Run) -> dict:
             progress=run.progress,
         )
         if run.cfg.training.lora is not None:
-            # LoRA branches: also the merge as one exact adapter (rank-stacked, see merit.lora).
-            from merit.lora import merge_adapters
+            # LoRA branches: also the merge as one exact adapter (rank-stacked, see merit.train.lora).
+            from merit.train.lora import merge_adapters
 
             adapters = [run.paths.branch(g["id"]) / "adapter" for g in plan["groups"]]
             merge_adapters(adapters, weights, run.paths.root / "merged-adapter")
@@ -1203,7 +1204,7 @@ def model_dirs(run: Run, plan: dict) -> dict[str, Path]:
 def evaluate(run: Run) -> dict:
     """Held-out NLL and accuracy per dataset for θ0, joint, the merge and each branch, with
     bootstrap intervals and paired comparisons of the merge with every other model."""
-    from merit.evaluation import (
+    from merit.evaluate.scoring import (
         EVAL_VERSION,
         compare_models,
         comparison_table,
@@ -1300,8 +1301,8 @@ def diagnose(run: Run) -> dict:
     """Is θ0 merge-ready? Barriers, distances, train vs held-out loss, flatness, and the merging
     gain against its quadratic prediction (paper §4), with a verdict per premise; writes
     ``diagnostics/*.json`` and PNGs."""
-    from merit import diagnostics as dg
-    from merit.report import diagnostic_figures
+    from merit.diagnose import premises as dg
+    from merit.report.page import diagnostic_figures
 
     plan = make_plan(run)
     train(run)
@@ -1382,7 +1383,7 @@ def diagnostics_summary(rec: dict) -> str:
 def report(run: Run) -> Path:
     """One self-contained HTML page (figures embedded) and a Markdown twin of the whole run:
     mixture, plan, branch curves, merge, diagnostics and the results table; ``report/``."""
-    from merit.report import ReportData, build_report
+    from merit.report.page import ReportData, build_report
 
     plan = make_plan(run)
     result = evaluate(run)  # trains and merges first

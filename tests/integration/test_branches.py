@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import write_mixture, write_run_config
 from merit.cli import main
-from merit.training import CHECKPOINT_MARKER, checkpoint_dirs, checkpoint_problem
+from merit.train.sft import CHECKPOINT_MARKER, checkpoint_dirs, checkpoint_problem
 
 BRANCH_TRAINING = {"learning_rate": 3e-3, "batch_size": 2, "epochs": 3, "baselines": []}
 
@@ -389,7 +389,7 @@ def test_lora_branches_merge_the_average_of_products(tmp_path, mixture_specs, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from merit.lora import adapter_deltas, average_of_products, product_of_averages
+    from merit.train.lora import adapter_deltas, average_of_products, product_of_averages
 
     training = {
         "learning_rate": 2e-2,

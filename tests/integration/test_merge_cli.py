@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merit.cli import main
-from merit.modeling import fingerprint
+from merit.lm import fingerprint
 
 UP = "model.layers.0.mlp.up_proj.weight"
 
@@ -221,7 +221,7 @@ def test_verify_merge_detects_a_flipped_byte(ckpts, tmp_path, capsys):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    import merit.merging as m
+    import merit.merge.streaming as m
 
     m._CHUNK = 64  # many chunks per tensor: the kill lands inside a tensor
     real, calls = m._ShardFile.write_now, []

@@ -168,7 +168,7 @@ def test_plan_rebuilds_a_demo_base_missing_from_the_cache(tmp_path, mixture_spec
     """`model.path: demo`, θ0 gone from the cache after the data stage (another machine, a
     cleared cache): `merit plan` rebuilds it. θ0's parameter layout used to be read on the meta
     device, where building θ0 crashed."""
-    from merit.modeling import fingerprint
+    from merit.lm import fingerprint
 
     tiny_demo = {
         "vocab_size": 300,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from merit.conflict import (
+from merit.plan.conflict import (
     PartGram,
     cosine_from_gram,
     cosine_matrix,
@@ -87,7 +87,7 @@ def test_offdiag_pearson():
 
 
 def test_extend_gram_reuses_known_rows():
-    from merit.conflict import extend_gram
+    from merit.plan.conflict import extend_gram
 
     rng = np.random.default_rng(2)
     v = rng.normal(size=(6, 40))

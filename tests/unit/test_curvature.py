@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from merit.curvature import curvature, gradient, hessian_vector_products
-from merit.planning import gain_hessian, joint_loss, merged_loss
+from merit.plan.curvature import curvature, gradient, hessian_vector_products
+from merit.plan.splitters import gain_hessian, joint_loss, merged_loss
 
 
 class Quadratic(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for merit.data: dataset formats, record styles, BIG-bench formatting and selection."""
+"""Tests for merit.data.formats: dataset formats, record styles, BIG-bench formatting and selection."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from merit import data
-from merit.data import (
+from merit.data import formats as data
+from merit.data.formats import (
     FORMATS,
     DataError,
     Example,
@@ -472,7 +472,7 @@ def test_bigbench_examples_without_answer_are_skipped(
     ]
     path = tmp_path / "task.json"
     path.write_text(json.dumps(task))
-    with caplog.at_level(logging.WARNING, logger="merit.data"):
+    with caplog.at_level(logging.WARNING, logger="merit.data.formats"):
         loaded = load_dataset("t", path)
     assert [e.answer for e in loaded.examples] == ["4", "seven"]
     assert "skipped 3 example(s)" in caplog.text and "2, 3, 4" in caplog.text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from merit.diagnostics import (
+from merit.diagnose.premises import (
     Objective,
     Thresholds,
     interpolation_curve,
@@ -170,7 +170,7 @@ def test_perturbation_curve_is_flat_at_zero():
     qobj, a = quadratic(seed=6)
     theta = torch.zeros(qobj.dim, dtype=torch.float64)
     qc = perturbation_curve(qobj, theta, [0.0, 0.3], draws=3, seed=9)
-    from merit.diagnostics import gaussian_direction
+    from merit.diagnose.premises import gaussian_direction
 
     eps = [gaussian_direction(qobj.dim, 9 + d, dtype=torch.float64) for d in range(3)]
     expect = qobj.loss(theta) + 0.5 * 0.09 * np.mean([float(e @ a @ e) for e in eps])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from merit.config import DataConfig
-from merit.evaluation import (
+from merit.data.mixture import encode, encode_choices, load_mixture
+from merit.evaluate.scoring import (
     answer_logprobs,
     bootstrap_ci,
     evaluate_model,
@@ -20,9 +21,7 @@ from merit.evaluation import (
     sequence_logprobs,
     summarize,
 )
-from merit.gradients import pad_batch
-from merit.mixture import encode, encode_choices, load_mixture
-from merit.modeling import load_model, load_tokenizer
+from merit.lm import load_model, load_tokenizer, pad_batch
 
 
 @pytest.fixture(scope="module")

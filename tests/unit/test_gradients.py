@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from merit.gradients import CountSketch, SketchSpec, mean_gradient_sketch, trainable_parameters
-from merit.mixture import IGNORE, Encoded
+from merit.calibrate.sketch import CountSketch, SketchSpec, mean_gradient_sketch
+from merit.lm import IGNORE, Encoded, trainable_parameters
 
 
 def _named(seed=0):
@@ -63,7 +63,7 @@ def test_hashes_depend_on_seed_and_name_only():
 def test_add_is_the_hash_definition(dim, batched):
     """Both fast paths (contiguous runs per chunk, the CPU's; grouped index_add_, a GPU's) add
     exactly Σ_i sign(i) x_i e_bucket(i), for slices straddling chunks and for bf16 too."""
-    from merit.gradients import CHUNK
+    from merit.calibrate.sketch import CHUNK
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3 * CHUNK + 1234, generator=g)
@@ -83,7 +83,7 @@ def test_add_is_the_hash_definition(dim, batched):
 def test_structured_gradients_keep_their_inner_products():
     """Chunks share one sign window τ and differ by a shift: equal chunks with a common mean
     (what layer-stacked weights look like) must not collide coherently."""
-    from merit.gradients import CHUNK
+    from merit.calibrate.sketch import CHUNK
 
     g = torch.Generator().manual_seed(2)
     row = 1.0 + 0.1 * torch.randn(CHUNK, generator=g)
@@ -189,7 +189,7 @@ def _examples(n=10, seed=0, vocab=13):
 def test_streaming_equals_accumulate_and_parts_average_to_the_sketch():
     """Post-accumulate-grad streaming gives the accumulate-then-sketch result; the token-weighted
     mean of the part sketches is the dataset sketch (folded), by linearity."""
-    from merit.gradients import fold, split_parts
+    from merit.calibrate.sketch import fold, split_parts
 
     model, ex = _tiny_lm(), _examples(11)
     spec = SketchSpec(1024, 5)
@@ -217,7 +217,7 @@ def test_streaming_equals_accumulate_and_parts_average_to_the_sketch():
 
 
 def test_fold_is_the_smaller_sketch():
-    from merit.gradients import fold
+    from merit.calibrate.sketch import fold
 
     named = _named()
     big = CountSketch(SketchSpec(2048, 9)).sketch_named(named)
@@ -228,7 +228,7 @@ def test_fold_is_the_smaller_sketch():
 
 
 def test_parts_depend_on_dataset_alone():
-    from merit.gradients import split_parts
+    from merit.calibrate.sketch import split_parts
 
     a = split_parts(17, 4, 0, "alpha")
     assert a == split_parts(17, 4, 0, "alpha")
@@ -239,7 +239,7 @@ def test_parts_depend_on_dataset_alone():
 
 
 def test_spec_mismatch_names_the_field():
-    from merit.gradients import SpecMismatch, check_spec, spec_dict
+    from merit.calibrate.sketch import SpecMismatch, check_spec, spec_dict
 
     base = spec_dict(
         SketchSpec(4096, 0),
@@ -265,7 +265,7 @@ def test_spec_mismatch_names_the_field():
 
 
 def test_parameter_layout_sees_names_and_shapes():
-    from merit.gradients import parameter_layout
+    from merit.calibrate.sketch import parameter_layout
 
     a, b = _tiny_lm(0), _tiny_lm(1)
     assert parameter_layout(a) == parameter_layout(b)  # weights do not matter

@@ -1,4 +1,4 @@
-"""Tests for merit.merging: streaming weighted merge of Hugging Face checkpoints, with proof."""
+"""Tests for merit.merge.streaming: streaming weighted merge of Hugging Face checkpoints, with proof."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from merit import merging
-from merit.merging import (
+from merit.lm import fingerprint
+from merit.merge import streaming as merging
+from merit.merge.streaming import (
     HashCache,
     MergeError,
     checkpoint_tensors,
@@ -23,7 +24,6 @@ from merit.merging import (
     plan_merge,
     verify_merge,
 )
-from merit.modeling import fingerprint
 
 TINY = {
     "vocab_size": 64,

@@ -1,4 +1,4 @@
-"""Runtime set-up that changes how fast, never what (merit.modeling)."""
+"""Runtime set-up that changes how fast, never what (merit.lm)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 CHILD = """
 import sys, torch
-from merit.modeling import keep_freed_memory
+from merit.lm import keep_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

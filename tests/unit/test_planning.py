@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from merit.conflict import conflict_embedding, cosine_matrix
-from merit.planning import PlanError, balanced_cut, group_weights, median_split
+from merit.plan.conflict import conflict_embedding, cosine_matrix
+from merit.plan.splitters import PlanError, balanced_cut, group_weights, median_split
 
 
 def _planted(n_per=6, dim=400, seed=0, opposed=True):
@@ -84,8 +84,8 @@ def test_embedding_is_deterministic_and_sign_fixed():
 
 
 # -- splitters, any K, predicted gain, stability -------------------------------------------------
-from merit.conflict import PartGram  # noqa: E402
-from merit.planning import (  # noqa: E402
+from merit.plan.conflict import PartGram  # noqa: E402
+from merit.plan.splitters import (  # noqa: E402
     PlanInputs,
     adjusted_rand_index,
     align_labels,

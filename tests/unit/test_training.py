@@ -15,9 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merit.lora import adapter_deltas, average_of_products, merge_adapters, product_of_averages
-from merit.orchestration import EXIT_PREEMPTED, Job, LaunchError, run_local, slurm_script
-from merit.training import (
+from merit.train.launchers import EXIT_PREEMPTED, Job, LaunchError, run_local, slurm_script
+from merit.train.lora import (
+    adapter_deltas,
+    average_of_products,
+    merge_adapters,
+    product_of_averages,
+)
+from merit.train.sft import (
     CHECKPOINT_MARKER,
     checkpoint_problem,
     newest_valid_checkpoint,

@@ -2,7 +2,7 @@
 
 Everything here works on inner products of sketched gradients. The Gram matrix of the datasets'
 mean gradients comes from the full sketches; the Gram of their calibration *parts* (a few
-disjoint micro-batches per dataset, see ``merit.gradients``) gives, for any re-weighting of the
+disjoint micro-batches per dataset, see ``merit.calibrate.sketch``) gives, for any re-weighting of the
 parts, the Gram of the re-weighted means: a bootstrap draw costs a T × T product, no sketch work.
 """
 

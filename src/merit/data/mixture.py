@@ -14,22 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merit.config import DataConfig, SplitConfig
-from merit.data import DataError, Example, LoadedDataset, bigbench_task_files, load_dataset
-
-IGNORE = -100
-SPLITS = ("eval", "calibration", "base", "train")
-
-
-@dataclass
-class Encoded:
-    """One tokenized example: ``labels`` is ``IGNORE`` on prompt tokens."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def answer_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+from merit.data.formats import DataError, Example, LoadedDataset, bigbench_task_files, load_dataset
+from merit.lm import IGNORE, Encoded
 
 
 @dataclass

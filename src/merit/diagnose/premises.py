@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merit.gradients import pad_batch, trainable_parameters
-from merit.mixture import IGNORE, Encoded
+from merit.lm import IGNORE, Encoded, pad_batch, trainable_parameters
 
 T = TypeVar("T")
 # (module, batch) -> (summed loss over the batch's units, number of units)
@@ -218,7 +217,7 @@ def lm_batch_loss(
     module: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
     """Summed answer-token NLL of a padded language-model batch, and its answer tokens."""
-    from merit.evaluation import answer_logprobs
+    from merit.evaluate.scoring import answer_logprobs
 
     lp, n = answer_logprobs(module, batch)
     return -lp.sum(), int(n.sum())

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merit.gradients import pad_batch
-from merit.mixture import IGNORE, Encoded, Mixture, encode, encode_pairs, render
+from merit.data.mixture import Mixture, encode, encode_pairs, render
+from merit.lm import IGNORE, Encoded, pad_batch
 
 # Bumped when what evaluate_model records changes: the pipeline re-evaluates older results.
 EVAL_VERSION = 2

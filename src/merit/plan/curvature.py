@@ -1,5 +1,5 @@
 """Exact group gradients and Hessian-vector products at θ0, for models small enough to hold
-one gradient per dataset: the true-H version of the planner's predictions (``merit.planning``).
+one gradient per dataset: the true-H version of the planner's predictions (``merit.plan.splitters``).
 
 A loss is given as *terms*: callables whose values sum to it (a dataset's token-mean NLL is the
 sum over its micro-batches of NLL / N_t), so memory stays at one micro-batch's activations.
@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merit.gradients import pad_batch, token_nll_sum, trainable_parameters
-from merit.mixture import Encoded
-from merit.planning import Curvature, canonical_labels, group_mix
+from merit.lm import Encoded, pad_batch, token_nll_sum, trainable_parameters
+from merit.plan.splitters import Curvature, canonical_labels, group_mix
 
 LossTerms = Sequence[Callable[[], torch.Tensor]]
 

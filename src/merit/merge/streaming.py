@@ -386,7 +386,7 @@ class HashCache:
 
 def _hash_files(paths: Sequence[Path], names: Sequence[bytes | None] = ()) -> list[str]:
     """sha256 of each file, plus (when ``names`` is given) merit's fingerprint over all of them:
-    sha256 of name + bytes for each file in turn, as :func:`merit.modeling.fingerprint` defines
+    sha256 of name + bytes for each file in turn, as :func:`merit.lm.fingerprint` defines
     it. Each file is read once for both, from a memory map (no copy into a read buffer)."""
     combined = hashlib.sha256() if names else None
     digests = []
@@ -436,7 +436,7 @@ def cached_sha256(path: str | Path, cache_dir: str | Path | None) -> str:
 
 
 def fingerprint_files(model_dir: Path) -> list[Path]:
-    """The files merit's θ0 fingerprint covers (:func:`merit.modeling.fingerprint`)."""
+    """The files merit's θ0 fingerprint covers (:func:`merit.lm.fingerprint`)."""
     config = model_dir / "config.json"
     return [*sorted(model_dir.glob("*.safetensors")), *([config] if config.is_file() else [])]
 

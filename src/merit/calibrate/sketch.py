@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from merit.mixture import IGNORE, Encoded
+from merit.lm import Encoded, pad_batch, token_nll_sum, trainable_parameters
 
 # splitmix64 constants, written as signed int64 (torch has no uint64 arithmetic).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -215,47 +215,6 @@ class CountSketch:
         if out is None:
             raise ValueError("nothing to sketch")
         return out
-
-
-def pad_batch(batch: Sequence[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels tensors."""
-    n = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "labels": labels.to(device),
-    }
-
-
-def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed NLL of the label tokens (labels are shifted inside: position t predicts t+1)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        target.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-
-
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """Named trainable parameters, each shared (tied) tensor once."""
-    seen: set[int] = set()
-    out = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
 
 
 @dataclass

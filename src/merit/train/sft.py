@@ -35,7 +35,7 @@ import torch
 
 from merit.artifacts import sha256_file, write_json
 from merit.config import TrainingConfig
-from merit.mixture import Encoded
+from merit.lm import Encoded
 
 CHECKPOINT_MARKER = "merit-checkpoint.json"
 PROGRESS_FILE = "progress.json"
@@ -386,7 +386,7 @@ def train_sft(
 
     Weights are saved in ``save_dtype`` (θ0's dtype), so every branch has θ0's tensor layout.
     With ``cfg.lora`` the model is wrapped in PEFT LoRA adapters; the adapter is saved to
-    ``out_dir/adapter`` and ``out_dir/model`` holds θ0 + s·B·A (see :mod:`merit.lora`).
+    ``out_dir/adapter`` and ``out_dir/model`` holds θ0 + s·B·A (see :mod:`merit.train.lora`).
 
     With ``checkpoint_steps``, sealed checkpoints go to ``out_dir/trainer`` and a call resumes
     from the newest valid one whose ``run_key`` matches (newer incomplete ones are deleted);
@@ -424,7 +424,7 @@ def train_sft(
             tokens_start = int(marker["tokens_seen"])
             say(f"{label}: resuming from {resume.name} (step {marker['step']})")
     if cfg.lora is not None:
-        from merit.lora import wrap_lora
+        from merit.train.lora import wrap_lora
 
         model = wrap_lora(model, cfg.lora)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -483,7 +483,7 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
         if lora:
-            from merit.lora import save_lora_branch
+            from merit.train.lora import save_lora_branch
 
             save_lora_branch(model, out_dir, save_dtype or dtype)
         else:

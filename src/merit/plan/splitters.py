@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from merit.conflict import (
+from merit.plan.conflict import (
     Embedding,
     PartGram,
     conflict_embedding,
@@ -174,7 +174,7 @@ def gain_identity(gram: np.ndarray, groups: np.ndarray, tokens, k: int) -> tuple
 
 @dataclass
 class Curvature:
-    """Scalars measured at θ0 with Hessian-vector products (see ``merit.curvature``).
+    """Scalars measured at θ0 with Hessian-vector products (see ``merit.plan.curvature``).
 
     Split-independent: ``loss0`` = L_h(θ0) on held-out calibration batches, ``gh_g`` = g_hᵀ ḡ,
     ``g_hh_g`` = ḡᵀ H_h ḡ. Per candidate: ``quad`` = Σ_k w_k (ḡ_k − ḡ)ᵀ H_h (ḡ_k − ḡ) and
