@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -33,48 +32,3 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Layout of a run directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data.json"
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base.json"
-
-    @property
-    def sketches(self) -> Path:
-        return self.root / "calibration" / "sketches.safetensors"
-
-    @property
-    def calibration(self) -> Path:
-        return self.root / "calibration" / "calibration.json"
-
-    @property
-    def plan(self) -> Path:
-        return self.root / "plan.json"
-
-    def branch(self, k: int) -> Path:
-        return self.root / "branches" / f"branch-{k}"
-
-    def baseline(self, name: str) -> Path:
-        return self.root / "baselines" / name
-
-    @property
-    def merged(self) -> Path:
-        return self.root / "merged"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"

@@ -108,20 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# -- merge (standalone) and verify-merge: only merit.merge.streaming is imported ------------------------
-_STANDALONE_ONLY = (
-    "weights",
-    "normalize",
-    "base",
-    "method",
-    "scale",
-    "dtype",
-    "max_shard_size",
-    "threads",
-    "no_hash_cache",
-)
-
-
 def _merge_options(p: argparse.ArgumentParser) -> None:
     p.usage = (
         "merit merge CONFIG [overrides ...]\n"
@@ -179,140 +165,6 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    t = text.strip().upper()
-    number = t.rstrip("KMGTIB")
-    try:
-        return int(float(number) * units[t[len(number) :]])
-    except (KeyError, ValueError):
-        from merit.merge.streaming import MergeError
-
-        raise MergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MiB)") from None
-
-
-def _merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
-    """Run a standalone merge or verify-merge; None for a run-config merge (the pipeline's)."""
-    from merit.merge.streaming import MergeError
-
-    try:
-        if args.command == "verify-merge":
-            if extra:
-                raise MergeError(f"unrecognized arguments: {' '.join(extra)}")
-            return _verify_merge(args)
-        positionals = [args.config, *args.overrides, *extra]
-        if args.out is None:
-            given = [f"--{o.replace('_', '-')}" for o in _STANDALONE_ONLY if _given(args, o)]
-            if given:
-                raise MergeError(f"{', '.join(given)}: only with --out DIR (a standalone merge)")
-            first = Path(args.config)
-            if (
-                first.is_dir()
-                and not (first / "config.yaml").is_file()
-                and any(first.glob("*.safetensors"))
-            ):
-                raise MergeError(
-                    f"{first} is a checkpoint: to merge checkpoints give --out DIR "
-                    "(merit merge --out DIR [--weights W1,...] CKPT ...)"
-                )
-            return None
-        options = [x for x in positionals if x.startswith("-")]
-        if options:
-            raise MergeError(f"unrecognized arguments: {' '.join(options)}")
-        return _standalone_merge(args, positionals)
-    except (MergeError, OSError) as err:
-        print(f"merit: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _given(args: argparse.Namespace, option: str) -> bool:
-    defaults = {
-        "method": "linear",
-        "scale": 1.0,
-        "max_shard_size": "2GiB",
-        "normalize": False,
-        "no_hash_cache": False,
-    }
-    return getattr(args, option) not in (None, defaults.get(option))
-
-
-def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
-    """`merit merge --out DIR CKPT ...`: merge any checkpoints, say exactly what was done."""
-    import os
-    import time
-
-    from merit.merge.streaming import MergeError, describe_weights, merge_checkpoints
-
-    k = len(checkpoints)
-    if args.weights is None:
-        weights, weights_from = [1.0 / k] * k, "uniform 1/K (--weights not given)"
-    else:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise MergeError(f"--weights: cannot read {args.weights!r} as numbers") from None
-        weights_from = "explicit (--weights)"
-        if len(weights) != k:
-            raise MergeError(f"--weights has {len(weights)} values for {k} checkpoints")
-    if args.method == "task_vector" and args.base is None:
-        raise MergeError("--method task_vector needs --base θ0 (the task vectors are θ_k − θ0)")
-    if args.method == "linear" and args.scale != 1.0:
-        raise MergeError("--scale applies to --method task_vector only")
-    base, base_is_theta0 = (args.base, True) if args.base else (checkpoints[0], False)
-    cache = None
-    if not args.no_hash_cache:
-        cache = Path(os.environ.get("MERIT_CACHE") or "~/.cache/merit").expanduser() / "sha256"
-    t0 = time.perf_counter()
-    m = merge_checkpoints(
-        base,
-        checkpoints,
-        weights,
-        args.out,
-        method=args.method,
-        scale=args.scale,
-        normalize=args.normalize,
-        weights_from=weights_from,
-        base_is_theta0=base_is_theta0,
-        dtype=args.dtype,
-        max_shard_bytes=_size(args.max_shard_size),
-        hash_cache=cache,
-        threads=args.threads,
-        progress=sys.stderr.isatty(),
-    )
-    seconds = time.perf_counter() - t0
-    scale = f" with s = {m['scale']:g}" if m["scale"] is not None else ""
-    print(f"{m['method']} merge of {k} checkpoints: {m['formula']}{scale}")
-    print(f"  weights {', '.join(f'{w:.6g}' for w in m['weights'])}: {describe_weights(m)}")
-    if m["coefficients"]["base"]:
-        print(f"  coefficient of θ0: {m['coefficients']['base']:.6g}")
-    role = "θ0" if base_is_theta0 else "structure and files only: the first checkpoint"
-    print(f"  base {m['base']} ({role}); θ0 fingerprint {m['base_fingerprint'] or 'unknown'}")
-    dtype = m["dtype"] or "as the base: " + ", ".join(m["output_dtypes"])
-    print(f"  dtype {dtype}; accumulated in {m['accumulation']}")
-    print(
-        f"merged {m['num_tensors']} tensors ({m['total_bytes'] / 1e6:.0f} MB) -> {args.out} "
-        f"in {seconds:.1f} s; proof: {Path(args.out) / 'merge_manifest.json'} "
-        f"(check: merit verify-merge {args.out})"
-    )
-    return 0
-
-
-def _verify_merge(args: argparse.Namespace) -> int:
-    from merit.merge.streaming import verify_merge
-
-    report = verify_merge(args.dir, check_inputs=not args.outputs_only)
-    for problem in report["problems"]:
-        print(f"merit: error: {problem}", file=sys.stderr)
-    if report["problems"]:
-        return EXIT_USAGE
-    inputs = "inputs not checked" if args.outputs_only else f"{report['inputs']} input files"
-    missing = report["missing_inputs"]
-    gone = f" ({len(missing)} inputs no longer present, not checked)" if missing else ""
-    print(f"verified {args.dir}: {report['outputs']} output files and {inputs} match{gone}")
-    return 0
-
-
 def _load(args: argparse.Namespace):
     from merit.config import load_config
 
@@ -338,11 +190,69 @@ def _load(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
+def _errors() -> tuple[type[BaseException], ...]:
+    """Every error that is the user's to fix: one line on stderr, exit code 2."""
+    from merit.calibrate.sketch import SpecMismatch
+    from merit.config import ConfigError
+    from merit.data.formats import DataError
+    from merit.merge.streaming import MergeError
+    from merit.plan.splitters import PlanError
+    from merit.run import StageError
+
+    return (ConfigError, DataError, PlanError, SpecMismatch, MergeError, StageError)
+
+
+def _dispatch(args: argparse.Namespace, run) -> int:
+    """Run the command's stage and print what it made."""
+    from merit.calibrate import stage as calibrate
+    from merit.data import stage as data
+    from merit.diagnose import stage as diagnose
+    from merit.evaluate import stage as evaluate
+    from merit.merge import stage as merge
+    from merit.plan import stage as plan
+    from merit.report import stage as report
+    from merit.train import stage as train
+
+    cmd = args.command
+    if cmd == "data":
+        print(data.data_table(data.prepare_data(run)))
+    elif cmd == "calibrate":
+        rec = calibrate.calibrate(run)
+        print(f"calibrated {len(rec['datasets'])} datasets -> {run.paths.sketches}")
+    elif cmd == "plan":
+        p = plan.make_plan(run, add=args.add)
+        print(plan.plan_summary(p))
+        if args.compare:
+            print(plan.plan_comparison(p))
+        print(f"plan -> {run.paths.plan} (plots in {run.paths.root / 'plan_plots'})")
+    elif cmd == "train" and args.print_commands:
+        print(train.branch_commands(run, args.print_commands))
+    elif cmd == "train":
+        return train.train_command(run, args.branch, args.baseline, args.plan_sha256)
+    elif cmd == "merge":
+        m = merge.merge(run)
+        weights = ", ".join(f"{w:.3f}" for w in m["weights"])
+        print(f"merged model -> {run.paths.merged} (weights {weights})")
+    elif cmd == "evaluate":
+        print(evaluate.evaluate(run)["table"])
+    elif cmd == "diagnose":
+        print(diagnose.diagnostics_summary(diagnose.diagnose(run)))
+        print(f"diagnostics -> {run.paths.root / 'diagnostics'}")
+    elif cmd == "report":
+        page = report.report(run)
+        print(f"report -> {page} (and {page.with_name('report.md')})")
+    else:  # run, demo
+        evaluate.run_command(run)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("merge", "verify-merge"):
-        done = _merge_command(args, extra)
+        from merit.merge.standalone import merge_command
+
+        done = merge_command(args, extra)
         if done is not None:
             return done
     # Overrides may also follow the options (`merit plan CONFIG --compare planning.rank=3`).
@@ -351,83 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
-    from merit.artifacts import write_json
-    from merit.calibrate.sketch import SpecMismatch
-    from merit.config import ConfigError
-    from merit.data.formats import DataError
-    from merit.plan.splitters import PlanError
-
-    try:
-        from merit.merge.streaming import MergeError
-    except ImportError:  # pragma: no cover
-        MergeError = ValueError
-    from merit import pipeline
-    from merit.train.launchers import EXIT_PREEMPTED, LaunchError
+    from merit.run import Run
+    from merit.train.launchers import EXIT_PREEMPTED
     from merit.train.sft import Preempted
 
     try:
-        cfg = _load(args)
-        run = pipeline.Run(cfg).open(add=getattr(args, "add", False))
-        if args.command == "data":
-            print(pipeline.data_table(pipeline.prepare_data(run)))
-        elif args.command == "calibrate":
-            rec = pipeline.calibrate(run)
-            print(f"calibrated {len(rec['datasets'])} datasets -> {run.paths.sketches}")
-        elif args.command == "plan":
-            plan = pipeline.make_plan(run, add=args.add)
-            print(pipeline.plan_summary(plan))
-            if args.compare:
-                print(pipeline.plan_comparison(plan))
-            print(f"plan -> {run.paths.plan} (plots in {run.paths.root / 'plan_plots'})")
-        elif args.command == "train" and args.print_commands:
-            print(pipeline.branch_commands(run, args.print_commands))
-        elif args.command == "train":
-            try:
-                done = pipeline.train(
-                    run, branch=args.branch, baseline=args.baseline, plan_sha256=args.plan_sha256
-                )
-            except LaunchError as err:
-                print(f"merit: error: {err}", file=sys.stderr)
-                return 1
-            for m in done:
-                print(
-                    f"{m['label']}: {m['steps']} steps, {m['tokens']} tokens, final loss {m['final_loss']}"
-                )
-        elif args.command == "merge":
-            m = pipeline.merge(run)
-            print(
-                f"merged model -> {run.paths.merged} (weights {', '.join(f'{w:.3f}' for w in m['weights'])})"
-            )
-        elif args.command == "evaluate":
-            print(pipeline.evaluate(run)["table"])
-        elif args.command == "diagnose":
-            print(pipeline.diagnostics_summary(pipeline.diagnose(run)))
-            print(f"diagnostics -> {run.paths.root / 'diagnostics'}")
-        elif args.command == "report":
-            page = pipeline.report(run)
-            print(f"report -> {page} (and {page.with_name('report.md')})")
-        else:  # run, demo
-            result = pipeline.run_all(run)
-            print("\nHeld-out metrics, averaged over datasets:\n")
-            print(result["table"])
-            print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items()))
-            print(f"results -> {run.paths.eval_dir / 'results.md'}")
-            write_json(run.paths.root / "timings.json", run.timings)
-    except (
-        ConfigError,
-        DataError,
-        PlanError,
-        SpecMismatch,
-        MergeError,
-        pipeline.StageError,
-        FileNotFoundError,
-    ) as err:
+        run = Run(_load(args)).open(add=getattr(args, "add", False))
+        return _dispatch(args, run)
+    except _errors() as err:
         print(f"merit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Preempted as err:  # SIGTERM/SIGUSR1 in any training (a branch, the demo's θ0, ...)
         print(f"merit: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -271,12 +271,13 @@ def test_merge_refuses_listing_every_problem(planned, capsys):
     plan = json.loads((run / "plan.json").read_text())
     plan["groups"][1]["tokens"] += 1
     (run / "plan.json").write_text(json.dumps(plan))
-    from merit import pipeline
     from merit.config import load_config
+    from merit.merge.stage import verify_branches
+    from merit.run import Run, StageError
 
-    r = pipeline.Run(load_config(planned["cfg"], [f"run_dir={run}"]))
-    with pytest.raises(pipeline.StageError) as exc:
-        pipeline.verify_branches(r, plan)
+    r = Run(load_config(planned["cfg"], [f"run_dir={run}"]))
+    with pytest.raises(StageError) as exc:
+        verify_branches(r, plan)
     msg = str(exc.value)
     assert "branch 0: trained from another plan" in msg
     assert "branch 1: missing (never started" in msg

@@ -1,0 +1,57 @@
+"""Stage 0: load, split and tokenize the mixture (``data.json``)."""
+
+from __future__ import annotations
+
+from merit.artifacts import read_json, write_json
+from merit.run import Run
+
+
+def prepare_data(run: Run) -> dict:
+    """Load, split and tokenize the mixture; write ``data.json`` (splits, counts, tokens)."""
+    if run.paths.data.is_file():
+        rec = read_json(run.paths.data)
+        if rec.get("config_hash") == run.cfg.experiment_hash():
+            return rec
+    _ = run.base_dir  # build the demo θ0 first (timed on its own): its tokenizer counts tokens
+    with run.timed("data"):
+        train = run.encoded("train")
+        rows = []
+        for d in run.mixture.datasets:
+            rows.append(
+                {
+                    "name": d.name,
+                    "format": d.data.format,
+                    "path": d.data.path,
+                    "sha256": d.file_hash,
+                    "examples": len(d.data.examples),
+                    "splits": {k: len(v) for k, v in d.splits.items()},
+                    "train_tokens": sum(len(e.input_ids) for e in train[d.name]),
+                    "train_answer_tokens": sum(e.answer_tokens for e in train[d.name]),
+                    "indices": d.splits,
+                }
+            )
+        rec = {"config_hash": run.cfg.experiment_hash(), "datasets": rows}
+        write_json(run.paths.data, rec)
+    return rec
+
+
+def data_table(rec: dict) -> str:
+    """The mixture as a table: dataset, format, samples per split, train tokens."""
+    head = f"{'dataset':<48} {'format':<9} {'train':>6} {'calib':>6} {'eval':>6} {'base':>6} {'tokens':>9}"
+    lines = [head, "-" * len(head)]
+    tot = {"train": 0, "calibration": 0, "eval": 0, "base": 0, "tokens": 0}
+    for r in rec["datasets"]:
+        s = r["splits"]
+        lines.append(
+            f"{r['name'][:48]:<48} {r['format']:<9} {s['train']:>6} {s['calibration']:>6} "
+            f"{s['eval']:>6} {s['base']:>6} {r['train_tokens']:>9}"
+        )
+        for k in ("train", "calibration", "eval", "base"):
+            tot[k] += s[k]
+        tot["tokens"] += r["train_tokens"]
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total (' + str(len(rec['datasets'])) + ' datasets)':<48} {'':<9} {tot['train']:>6} "
+        f"{tot['calibration']:>6} {tot['eval']:>6} {tot['base']:>6} {tot['tokens']:>9}"
+    )
+    return "\n".join(lines)

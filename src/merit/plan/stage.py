@@ -1,0 +1,331 @@
+"""Stage 2 (paper §3.2): the conflict-aware split, recorded in ``plan.json``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from merit.artifacts import read_json, sha256_file, write_json
+from merit.calibrate.stage import calibrate
+from merit.data.stage import prepare_data
+from merit.plan.conflict import PartGram, cosine_from_gram
+from merit.plan.splitters import PlanError, group_weights
+from merit.run import Run
+
+
+def _finite(x):
+    """JSON has no NaN: None instead."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _candidate_record(c, chosen: bool) -> dict:
+    st = c.stability
+    return {
+        "splitter": c.splitter,
+        "chosen": chosen,
+        "note": c.note,
+        "groups": None if c.groups is None else c.groups.tolist(),
+        "gain": _finite(c.gain),
+        "gain_share": _finite(c.share),
+        "balance": _finite(c.balance),
+        "gain_hessian": _finite(c.gain_hessian),
+        "merged_loss": _finite(c.merged_loss),
+        "stability": None
+        if st is None
+        else {
+            "ari_pairs": _finite(st.ari_pairs),
+            "ari_plan": _finite(st.ari_plan),
+            "dataset_mean": _finite(float(st.per_dataset.mean())),
+            "dataset_min": _finite(float(st.per_dataset.min())),
+            "draws": st.draws,
+        },
+    }
+
+
+def _hessian_predictions(run: Run, names: list[str], tokens, candidates, k: int) -> dict:
+    """True-H gain and merged-loss predictions for every available candidate (in place)."""
+    from merit.calibrate.sketch import split_parts
+    from merit.plan.curvature import measure
+    from merit.plan.splitters import gain_hessian, joint_loss, merged_loss
+
+    cc, pc = run.cfg.calibration, run.cfg.planning
+    if cc.microbatches < 2:
+        raise PlanError("planning.hessian needs calibration.microbatches ≥ 2 (held-out parts)")
+    enc = run.encoded("calibration")
+    avail = [c for c in candidates if c.available]
+    run.say(f"measuring curvature at θ0 for {len(avail)} candidate plans (HVPs)")
+    try:
+        cur = measure(
+            run.load_base(),
+            [enc[n] for n in names],
+            [split_parts(len(enc[n]), cc.microbatches, cc.seed, n) for n in names],
+            tokens,
+            [c.groups for c in avail],
+            k,
+            cc.batch_size,
+            run.tokenizer.pad_token_id,
+            pc.hessian_examples,
+            run.progress,
+        )
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    tau = pc.horizon or cur.horizon()
+    if tau is None:
+        return {
+            "horizon": None,
+            "note": "the held-out quadratic has no minimum along −ḡ at θ0 (negative curvature "
+            "or no descent): set planning.horizon to predict",
+        }
+    for j, c in enumerate(avail):
+        c.gain_hessian = gain_hessian(cur, j, tau)
+        c.merged_loss = merged_loss(cur, j, tau)
+    return {
+        "horizon": tau,
+        "horizon_from": "planning.horizon" if pc.horizon else "held-out line search along ḡ",
+        "heldout_loss_theta0": cur.loss0,
+        "joint_loss": joint_loss(cur, tau),
+    }
+
+
+def _stability_warning(run: Run, st, k: int) -> str | None:
+    pc = run.cfg.planning
+    if st is None or not st.ari_pairs < pc.stability_threshold:
+        return None
+    weak = int((st.per_dataset < 0.8).sum())
+    fixes = [
+        f"more calibration samples per dataset (data.split.calibration="
+        f"{run.cfg.data.split.calibration}; sampling noise falls as 1/√n)"
+    ]
+    if k > 2:
+        fixes.append(
+            "fewer groups ("
+            + (f"planning.rank={pc.rank - 1}" if pc.k is None else f"planning.k={k - 1}")
+            + ")"
+        )
+    return (
+        f"unstable plan: two plans from resampled calibration data agree at ARI "
+        f"{st.ari_pairs:.2f} (< {pc.stability_threshold}), and {weak} of {len(st.per_dataset)} "
+        f"datasets land in their group in under 80% of draws. What would fix it: "
+        + "; or ".join(fixes)
+    )
+
+
+def make_plan(run: Run, add: bool = False) -> dict:
+    """Cosine matrix → PCA conflict embedding → K sample-balanced groups → ``plan.json``.
+
+    Every splitter (median, sign, random, gain) is run and compared — predicted merging gain,
+    balance, bootstrap stability, and with ``planning.hessian`` the true-H gain and predicted
+    merged loss — and the configured one (or, for ``auto``, the best under
+    ``planning.objective``) is the plan. PNG plots are written next to it (``plan_plots/``).
+    With ``add``, only datasets new to the calibration are calibrated, and the plan records which
+    datasets changed group.
+    """
+    from merit.plan.splitters import (
+        PlanInputs,
+        changed_groups,
+        choose,
+        compare,
+        power_of_two,
+        resampled_cosine_agreement,
+        resampled_grams,
+    )
+
+    data = prepare_data(run)
+    pc = run.cfg.planning
+    k = pc.groups
+    if k > len(data["datasets"]):
+        what = f"planning.k={k}" if pc.k is not None else f"planning.rank={pc.rank}"
+        raise PlanError(
+            f"{what} asks for K={k} groups but there are only {len(data['datasets'])} datasets"
+        )
+    previous = read_json(run.paths.plan) if run.paths.plan.is_file() else None
+    cal = calibrate(run, add=add)
+    plan_inputs = {
+        "config_hash": run.cfg.experiment_hash(),
+        "base_fingerprint": run.base_fingerprint,
+        "sketches_sha256": cal["sketches_sha256"],
+    }
+    if previous is not None and all(previous.get(key) == v for key, v in plan_inputs.items()):
+        return previous
+    rows = {r["name"]: r for r in data["datasets"]}
+    names = cal["datasets"]
+    samples = np.array([rows[n]["splits"]["train"] for n in names], dtype=np.float64)
+    tokens = np.array([rows[n]["train_tokens"] for n in names], dtype=np.int64)
+    with run.timed("plan"):
+        gram = cal["sketches"]["gram"].double().numpy()
+        c = cosine_from_gram(gram)
+        parts = None
+        if run.cfg.calibration.microbatches > 1:
+            owner = np.concatenate([np.full(len(p), t) for t, p in enumerate(cal["part_tokens"])])
+            parts = PartGram(
+                cal["sketches"]["part_gram"].double().numpy(),
+                owner,
+                np.concatenate([np.asarray(p, dtype=np.float64) for p in cal["part_tokens"]]),
+            )
+        x = PlanInputs.from_gram(gram, samples, tokens, parts.noise() if parts else None)
+        rank = power_of_two(k) if power_of_two(k) is not None else pc.rank
+        emb = x.embedding(rank)
+        draws = pc.bootstrap if parts is not None else 0
+        run.say(f"planning K={k}: comparing splitters ({draws} resampled draws each)")
+        candidates = compare(x, k, parts, draws, pc.seed, pc.balance_tolerance)
+        predictions = (
+            _hessian_predictions(run, names, tokens, candidates, k) if pc.hessian else None
+        )
+        chosen_i = choose(candidates, pc.splitter, pc.objective)
+        chosen = candidates[chosen_i]
+        groups = chosen.groups
+        st = chosen.stability
+        cosine_agreement = (
+            resampled_cosine_agreement(resampled_grams(parts, min(draws, 10), pc.seed))
+            if draws >= 2
+            else None
+        )
+    n_k, w_k = group_weights(groups, tokens, k)
+    warnings = [w for w in [_stability_warning(run, st, k)] if w]
+    if st is None:
+        warnings.append(
+            "stability not measured (needs calibration.microbatches ≥ 2 and planning.bootstrap > 0)"
+        )
+    changes = None
+    if add and previous is not None:
+        old_names = [d["name"] for d in previous["datasets"]]
+        changes = {
+            "added": [n for n in names if n not in old_names],
+            "changed_group": changed_groups(
+                old_names, [d["group"] for d in previous["datasets"]], names, groups, k
+            ),
+            "previous_splitter": previous.get("method"),
+        }
+    plan = {
+        "version": 2,
+        **plan_inputs,
+        "method": chosen.splitter,
+        "objective": pc.objective,
+        "rank": rank,
+        "K": k,
+        "sketch": cal["spec"],
+        "explained_variance": emb.explained_variance.tolist(),
+        "scree": emb.scree.tolist(),
+        "datasets": [
+            {
+                "name": n,
+                "group": int(groups[i]),
+                "samples": int(samples[i]),
+                "tokens": int(tokens[i]),
+                "z": emb.z[i].tolist(),
+                "stability": None if st is None else float(st.per_dataset[i]),
+                "grad_sq_norm": cal["sq_norms"][i],
+                "calibration_loss": cal["losses"][i],
+                "sha256": rows[n]["sha256"],
+            }
+            for i, n in enumerate(names)
+        ],
+        "groups": [
+            {
+                "id": j,
+                "datasets": [n for i, n in enumerate(names) if groups[i] == j],
+                "samples": int(samples[groups == j].sum()),
+                "tokens": n_k[j],
+                "weight": w_k[j],
+            }
+            for j in range(k)
+        ],
+        "stability": None
+        if st is None
+        else {
+            "method": f"bootstrap over calibration parts ({st.draws} draws)",
+            "ari_pairs": _finite(st.ari_pairs),
+            "ari_plan": _finite(st.ari_plan),
+            "cosine_pearson_resampled": _finite(cosine_agreement),
+            "threshold": pc.stability_threshold,
+        },
+        "candidates": [_candidate_record(cd, i == chosen_i) for i, cd in enumerate(candidates)],
+        "hessian": predictions,
+        "warnings": warnings,
+        "changes": changes,
+        "cosine": np.round(c, 6).tolist(),
+    }
+    from merit.plan.figures import write_plan_plots
+
+    plan["plots"] = [
+        str(p.relative_to(run.paths.root))
+        for p in write_plan_plots(plan, run.paths.root / "plan_plots")
+    ]
+    write_json(run.paths.plan, plan)
+    return plan
+
+
+def plan_hash(run: Run) -> str:
+    return sha256_file(run.paths.plan)
+
+
+def plan_summary(plan: dict) -> str:
+    ev = ", ".join(f"{x:.1%}" for x in plan["explained_variance"])
+    lines = [
+        f"plan: K={plan['K']} groups ({plan.get('method', 'median')} splitter) from "
+        f"r={plan['rank']} conflict axes (explained variance {ev})"
+    ]
+    for g in plan["groups"]:
+        shown = ", ".join(g["datasets"][:4]) + (" …" if len(g["datasets"]) > 4 else "")
+        lines.append(
+            f"  group {g['id']}: {len(g['datasets']):>3} datasets, {g['samples']:>6} samples, "
+            f"{g['tokens']:>8} tokens, w={g['weight']:.3f}  [{shown}]"
+        )
+    st = plan.get("stability")
+    if st:
+        rows = [d for d in plan["datasets"] if d.get("stability") is not None]
+        low = sorted(rows, key=lambda d: d["stability"])[:3]
+        lines.append(
+            f"stability ({st['method']}): resampled plans agree at ARI {st['ari_pairs']:.2f}; "
+            "least stable: " + ", ".join(f"{d['name']} {d['stability']:.0%}" for d in low)
+        )
+    ch = plan.get("changes")
+    if ch:
+        lines.append(
+            f"added: {', '.join(ch['added']) or 'none'}; changed group: "
+            f"{', '.join(ch['changed_group']) or 'none'}"
+        )
+    lines += [f"warning: {w}" for w in plan.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def plan_comparison(plan: dict) -> str:
+    """Every splitter's plan side by side: predicted gain, merged loss, balance, stability."""
+    hs = plan.get("hessian") or {}
+    tau = hs.get("horizon")
+    head = (
+        f"{'splitter':<8} {'gain/τ² (H=I)':>14} {'share':>6} "
+        f"{'gain (H)':>10} {'merged loss':>11} {'balance':>8} {'ARI':>5} {'min stab':>8}"
+    )
+    lines = [f"candidates for K={plan['K']} (objective: {plan.get('objective', 'gain')})", head]
+    lines.append("-" * len(head))
+
+    def num(v, fmt):
+        width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
+        return "—".rjust(width) if v is None else format(v, fmt)
+
+    for c in plan.get("candidates", []):
+        mark = " <- chosen" if c["chosen"] else ""
+        if c["groups"] is None:
+            lines.append(f"{c['splitter']:<8} n/a: {c['note']}")
+            continue
+        st = c["stability"] or {}
+        lines.append(
+            f"{c['splitter']:<8} {num(c['gain'], '14.4g')} {num(c['gain_share'], '6.1%')} "
+            f"{num(c['gain_hessian'], '10.4g')} {num(c['merged_loss'], '11.5f')} "
+            f"{num(c['balance'], '8.3f')} {num(st.get('ari_pairs'), '5.2f')} "
+            f"{num(st.get('dataset_min'), '8.0%')}{mark}"
+            + (f"  ({c['note']})" if c["note"] else "")
+        )
+    if hs and tau is None:
+        lines.append(f"no true-H predictions: {hs['note']}")
+    elif tau is not None:
+        lines.append(
+            f"true-H predictions at τ={tau:.4g} ({hs['horizon_from']}): held-out loss at θ0 "
+            f"{hs['heldout_loss_theta0']:.5f}, joint training {hs['joint_loss']:.5f}"
+        )
+    else:
+        lines.append(
+            "gain (H) and merged loss need planning.hessian=true (under H = I the merged model "
+            "θ0 − τḡ does not depend on the split)"
+        )
+    return "\n".join(lines)

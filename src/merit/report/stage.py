@@ -1,0 +1,43 @@
+"""One self-contained page of a whole run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from merit.artifacts import read_json
+from merit.diagnose.stage import diagnose
+from merit.evaluate.stage import evaluate
+from merit.plan.stage import make_plan
+from merit.run import Run, record_timing
+
+
+def report(run: Run) -> Path:
+    """One self-contained HTML page (figures embedded) and a Markdown twin of the whole run:
+    mixture, plan, branch curves, merge, diagnostics and the results table; ``report/``."""
+    from merit.report.page import ReportData, build_report
+
+    plan = make_plan(run)
+    result = evaluate(run)  # trains and merges first
+    diag = diagnose(run)
+    t0 = time.perf_counter()
+    joint_m = run.paths.baseline("joint") / "manifest.json"
+    merge_m = run.paths.merged / "merge_manifest.json"
+    timings_path = run.paths.root / "timings.json"
+    rd = ReportData(
+        title=f"merit report: {run.paths.root.resolve().name}",
+        run_dir=str(run.paths.root),
+        config=run.cfg.model_dump(mode="json"),
+        data=read_json(run.paths.data) if run.paths.data.is_file() else None,
+        plan=plan,
+        branches=[read_json(run.paths.branch(g["id"]) / "manifest.json") for g in plan["groups"]],
+        joint=read_json(joint_m) if joint_m.is_file() else None,
+        merge=read_json(merge_m) if merge_m.is_file() else None,
+        evaluation=result["models"],
+        comparisons=result.get("comparisons", {}),
+        diagnostics=diag,
+        timings=read_json(timings_path) if timings_path.is_file() else {},
+    )
+    html_path, _ = build_report(rd, run.paths.root / "report")
+    record_timing(run, "report", time.perf_counter() - t0)
+    return html_path
