@@ -1,5 +1,5 @@
 """Benchmark: how well compressed gradients keep the conflict structure, what sketching costs,
-and what streaming calibration saves in memory (issue 3).
+and what streaming calibration saves in memory.
 
     python bench/calibration.py          # ~20 min on 2 busy CPU cores; prints the figures
 
@@ -17,13 +17,13 @@ of every dataset's calibration samples is held in memory (2 × T × P fp32), so 
   the other half (two independent draws of ``calibration / 2`` samples).
 
 Sketch cost: calibration passes over ``--time-datasets`` datasets, the time spent sketching as a
-fraction of the rest of forward + backward. Streaming (merit's default: post-accumulate-grad
-hooks, d = 2^18) sketches once per backward pass, so it is timed at 8, 16 and 32 examples per
-pass; accumulate-then-sketch once per part. The sketch costs O(P) per pass and forward +
-backward O(P · tokens), so the fraction falls as 1 / (tokens per backward pass), printed too.
-Peak memory: each mode in a child process on
-the same model, VmHWM reset (``/proc/self/clear_refs``) after set-up, so the figure is what
-calibration itself adds over weights + hash tables.
+fraction of the rest of forward + backward. Streaming (merit's choice where the gradient does not
+fit: post-accumulate-grad hooks, d = 2^18) sketches once per backward pass, so it is timed at 8,
+16 and 32 examples per pass; accumulate-then-sketch once per part. The sketch costs O(P) per
+pass and forward + backward O(P · tokens), so the fraction falls as 1 / (tokens per backward
+pass), printed too. Peak memory: each mode in a child process on the same model, VmHWM reset
+(``/proc/self/clear_refs``) after set-up, so the figure is what calibration itself adds over
+weights + hash tables.
 """
 
 from __future__ import annotations
@@ -317,7 +317,8 @@ def main() -> None:
     ]
     noise = offdiag_pearson(half_a, half_b)
 
-    # Sketch time within calibration, streaming (merit's default) and accumulate-then-sketch.
+    # Sketch time within calibration, streaming and accumulate-then-sketch (what "auto" picks
+    # where the gradient fits).
     print(f"  projection done; timing passes ({time.perf_counter() - t_start:.0f}s)", flush=True)
     timing = {}
     few = names[: args.time_datasets]
@@ -345,7 +346,7 @@ def main() -> None:
         timing[label] = (sketch_s / (total_s - sketch_s), tokens / passes, n_parts, batch)
     mem = measure_memory(len(tok), 64, 2**18)
 
-    print(f"\n== issue 3: calibration compression ({time.strftime('%Y-%m-%d')}) ==")
+    print(f"\n== calibration compression ({time.strftime('%Y-%m-%d')}) ==")
     print(
         f"model {n_params / 1e6:.1f}M params, {len(names)} datasets × {args.calibration} "
         f"calibration samples, θ0 pre-trained {args.train_steps} steps"
@@ -364,7 +365,7 @@ def main() -> None:
     )
     print("sketch time / rest of calibration forward+backward (d=2^18):")
     for label, (frac, per_pass, n_parts, batch) in timing.items():
-        mode = "accumulate-then-sketch" if label == "accumulate" else "streaming (merit's default)"
+        mode = "accumulate-then-sketch" if label == "accumulate" else "streaming"
         print(
             f"  {mode:<28} {n_parts} parts × batch {batch:>2} ({per_pass:>5.0f} tokens per "
             f"backward pass): {frac:6.1%}"

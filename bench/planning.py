@@ -1,4 +1,4 @@
-"""Benchmark: the planner's predictions against short real runs of every candidate split (issue 3).
+"""Benchmark: the planner's predictions against short real runs of every candidate split.
 
     python bench/planning.py             # ~10-20 min on 2 busy CPU cores; prints the figures
 
@@ -36,7 +36,6 @@ import torch
 from merit.calibrate.sketch import split_parts
 from merit.config import config_from_dict
 from merit.lm import pad_batch, token_nll_sum, trainable_parameters
-from merit.pipeline import Run, make_plan
 from merit.plan.curvature import measure
 from merit.plan.splitters import (
     PlanInputs,
@@ -46,6 +45,8 @@ from merit.plan.splitters import (
     merged_loss,
     random_split,
 )
+from merit.plan.stage import make_plan
+from merit.run import Run
 
 BIGBENCH = Path(os.environ.get("MERIT_BIGBENCH", "/work/shared/data/bigbench"))
 
@@ -214,7 +215,7 @@ def main() -> None:
             )
             print(f"  {regime} {label}: done ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
-    print(f"\n== issue 3: planner predictions vs short real runs ({time.strftime('%Y-%m-%d')}) ==")
+    print(f"\n== planner predictions vs short real runs ({time.strftime('%Y-%m-%d')}) ==")
     n_params = theta0.numel()
     print(
         f"θ0 {n_params / 1e6:.2f}M params, {len(names)} BIG-bench datasets, K={k}, "

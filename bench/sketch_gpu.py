@@ -1,4 +1,4 @@
-"""Benchmark: what the gradient sketch costs inside streaming calibration of a big model (issue 3).
+"""Benchmark: what the gradient sketch costs inside streaming calibration of a big model.
 
     python bench/sketch_gpu.py            # a 7B-shaped Llama, bf16, on one GPU (~2 min on an H200)
     python bench/sketch_gpu.py --small    # a ~30M-parameter one, fp32, wherever it runs

@@ -1,15 +1,19 @@
-"""The run directory: where each stage reads its inputs and writes its artifacts.
+"""Artifacts: what one stage writes and the next reads and verifies.
 
-Artifacts are data: JSON files that the next stage reads and verifies, written atomically so a
-crash never leaves half a file that a later stage could mistake for a finished one.
+Each is typed data (an :class:`Artifact` dataclass) stored as JSON, written atomically so a crash
+never leaves half a file that a later stage could mistake for a finished one; files are identified
+by their sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 
 def read_json(path: str | Path) -> dict:
@@ -25,10 +29,55 @@ def write_json(path: str | Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    """sha256 of a file's bytes, read in 4 MiB blocks from a memory map: no copy into a read
+    buffer, which is measurably faster when the merge hashes several GB on parallel threads."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
+        size = os.fstat(fh.fileno()).st_size
+        if size:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    for start in range(0, size, 1 << 22):
+                        block = view[start : start + (1 << 22)]
+                        h.update(block)
+                        block.release()
+                finally:
+                    view.release()
     return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A stage's output as typed data: ``to_json`` is exactly what is written, ``from_json`` reads
+    it back (keys it does not know are ignored, so older merit versions' extra keys are harmless;
+    missing ones take the field's default). Fields with ``metadata={"json": False}`` are
+    in-memory only (tensors, say)."""
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}
+
+    @classmethod
+    def from_json(cls: type[A], obj: dict) -> A:
+        known = {f.name for f in fields(cls) if f.init and f.metadata.get("json", True)}
+        return cls(**{k: v for k, v in obj.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls: type[A], path: str | Path) -> A:
+        return cls.from_json(read_json(path))
+
+    @classmethod
+    def load_if(cls: type[A], path: str | Path) -> A | None:
+        """The artifact at ``path``, or None where there is none yet."""
+        return cls.load(path) if Path(path).is_file() else None
+
+
+A = TypeVar("A", bound=Artifact)

@@ -195,11 +195,25 @@ def _errors() -> tuple[type[BaseException], ...]:
     from merit.calibrate.sketch import SpecMismatch
     from merit.config import ConfigError
     from merit.data.formats import DataError
-    from merit.merge.streaming import MergeError
+    from merit.fetch import FetchError
+    from merit.gguf import ModelSourceError
+    from merit.lm import DeviceError, ModelPathError
+    from merit.merge.errors import MergeError
     from merit.plan.splitters import PlanError
     from merit.run import StageError
 
-    return (ConfigError, DataError, PlanError, SpecMismatch, MergeError, StageError)
+    return (
+        ConfigError,
+        DataError,
+        PlanError,
+        SpecMismatch,
+        MergeError,
+        StageError,
+        DeviceError,
+        ModelPathError,
+        ModelSourceError,
+        FetchError,
+    )
 
 
 def _dispatch(args: argparse.Namespace, run) -> int:
@@ -218,7 +232,7 @@ def _dispatch(args: argparse.Namespace, run) -> int:
         print(data.data_table(data.prepare_data(run)))
     elif cmd == "calibrate":
         rec = calibrate.calibrate(run)
-        print(f"calibrated {len(rec['datasets'])} datasets -> {run.paths.sketches}")
+        print(f"calibrated {len(rec.datasets)} datasets -> {run.paths.sketches}")
     elif cmd == "plan":
         p = plan.make_plan(run, add=args.add)
         print(plan.plan_summary(p))
@@ -231,10 +245,10 @@ def _dispatch(args: argparse.Namespace, run) -> int:
         return train.train_command(run, args.branch, args.baseline, args.plan_sha256)
     elif cmd == "merge":
         m = merge.merge(run)
-        weights = ", ".join(f"{w:.3f}" for w in m["weights"])
+        weights = ", ".join(f"{w:.3f}" for w in m.weights)
         print(f"merged model -> {run.paths.merged} (weights {weights})")
     elif cmd == "evaluate":
-        print(evaluate.evaluate(run)["table"])
+        print(evaluate.evaluate(run).table)
     elif cmd == "diagnose":
         print(diagnose.diagnostics_summary(diagnose.diagnose(run)))
         print(f"diagnostics -> {run.paths.root / 'diagnostics'}")

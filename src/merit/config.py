@@ -1,8 +1,9 @@
 """Run configuration: one YAML file per run, validated completely before any work starts.
 
 The config separates *what* the experiment is (model, data, calibration, planning, training,
-merging, evaluation) from *how* it runs (``runtime``: device, threads, progress bars). Changing
-``runtime`` never changes a result, so it is excluded from the config hash that artifacts record.
+merging, evaluation) from *how* it runs (``runtime``: device, threads, progress bars). Each stage's
+artifacts record the hash of exactly the settings it reads (:data:`STAGE_SETTINGS`), so changing an
+evaluation setting re-runs evaluation only, and ``runtime`` never re-runs anything.
 """
 
 from __future__ import annotations
@@ -76,7 +77,21 @@ class DataConfig(_Section):
         description="folder of BIG-bench task files, each one dataset; 'auto' = $MERIT_BIGBENCH, "
         "else ../shared/data/bigbench, else fetched from PyPI into the cache",
     )
-    max_datasets: int | None = Field(None, ge=1, description="keep the first N datasets (by name)")
+    max_datasets: int | None = Field(
+        None, ge=1, description="keep the first N datasets (in `order`) for training"
+    )
+    order: Literal["name", "hash"] = Field(
+        "name",
+        description="which datasets `max_datasets` keeps: the first by name, or a seeded sample "
+        "(the smallest sha256 of 'order:<split.seed>:<name>')",
+    )
+    unseen: int = Field(
+        0,
+        ge=0,
+        description="whole datasets kept out of training — never calibrated, trained on or used "
+        "for θ0 — and evaluated as unseen tasks: the N with the smallest sha256 of "
+        "'unseen:<split.seed>:<name>'",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
@@ -105,10 +120,12 @@ class CalibrationConfig(_Section):
     microbatch_dim: int = Field(
         2**14, ge=16, description="buckets kept per part sketch (folded; must divide sketch_dim)"
     )
-    streaming: bool = Field(
-        True,
-        description="sketch each parameter's gradient as soon as it is accumulated (no full "
-        "gradient copy); false = accumulate, then sketch (exact |g|²)",
+    streaming: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: accumulate each part's gradient and sketch it once where it fits in "
+        "free memory (exact |g|²), else stream; true: sketch each parameter's gradient as "
+        "autograd accumulates it (no full gradient copy; |g|² estimated from the sketch); false: "
+        "always accumulate",
     )
 
     @model_validator(mode="after")
@@ -234,16 +251,19 @@ class EvaluationConfig(_Section):
     )
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1)
-    models: list[Literal["base", "branches", "merged", "joint"]] = Field(
+    models: list[Literal["base", "branches", "merged", "joint", "shrink"]] = Field(
         default_factory=lambda: ["base", "branches", "merged", "joint"]
     )
+    # Statistics of the results table: recomputed from the per-example scores, never re-scored.
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = Field(0, description="seed of the bootstrap resamples")
 
 
 class DiagnosticsConfig(_Section):
     """``merit diagnose`` / ``merit report``: measurements of a finished run (paper §4).
 
-    They read the run and change none of its artifacts, so this section is not part of the
-    experiment hash. The defaults are sized for the demo on 2 CPU cores (diagnose + report in
+    They read the run and change none of its artifacts: changing them re-runs diagnose only. The defaults are sized for the demo on 2 CPU cores (diagnose + report in
     under 4 minutes): 46 loss evaluations and 8 Hessian-vector products on 32 held-out examples.
     """
 
@@ -276,13 +296,10 @@ class DiagnosticsConfig(_Section):
     )
     distance_ratio: float = Field(1.5, gt=0, description="‖θ_joint − θ0‖ / ‖θ̄ − θ0‖ at least")
     gain_agreement: float = Field(0.5, gt=0, description="|predicted − measured| / |measured|")
-    # Statistics of the results table (evaluate and report).
-    bootstrap_samples: int = Field(1000, ge=10)
-    confidence: float = Field(0.95, gt=0, lt=1)
 
 
 class RuntimeConfig(_Section):
-    """How to run; never changes results, so not part of the config hash."""
+    """How to run; never changes results, so no stage's artifacts depend on it."""
 
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = Field(
@@ -327,20 +344,73 @@ class RunConfig(_Section):
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
-    def experiment_hash(self) -> str:
-        """sha256 of the experiment (everything but ``runtime``, ``run_dir`` and ``diagnostics``)."""
-        what = self.model_dump(mode="json", exclude={"runtime", "run_dir", "diagnostics"})
-        blob = json.dumps(what, sort_keys=True).encode()
+    def settings(self, stage: str) -> dict[str, Any]:
+        """The settings ``stage`` reads (its own section and every upstream one), defaults left
+        out: a new setting whose default keeps the old behaviour changes no stage's hash."""
+        return _prune(
+            self.model_dump(
+                mode="json", include=set(STAGE_SETTINGS[stage]), exclude=_HOW, exclude_defaults=True
+            )
+        )
+
+    def settings_hash(self, stage: str) -> str:
+        """sha256 of :meth:`settings`: what a stage's artifacts record, and are reused by."""
+        blob = json.dumps(self.settings(stage), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def experiment_hash(self) -> str:
+        """sha256 of the experiment: the settings the trained branches depend on."""
+        return self.settings_hash("train")
 
-def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+
+# What each stage reads, upstream included. A run directory holds one experiment (the sections
+# up to training: changing them means retraining); merging, evaluation, diagnostics and runtime
+# may change between commands and re-run only the stages that read them.
+_TRAINED = ("seed", "model", "data", "calibration", "planning", "training")
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data": ("seed", "model", "data"),
+    "calibrate": ("seed", "model", "data", "calibration"),
+    "plan": ("seed", "model", "data", "calibration", "planning"),
+    "train": _TRAINED,
+    "merge": (*_TRAINED, "merging"),
+    "evaluate": ("seed", "model", "data", "evaluation"),
+    "diagnose": ("seed", "model", "data", "diagnostics"),
+}
+EXPERIMENT = _TRAINED
+# Settings inside "what" sections that only change how fast a stage runs, never its result.
+_HOW: dict[str, Any] = {"calibration": {"streaming"}}
+
+
+def changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _prune(d: dict) -> dict:
+    """Without empty sections: a section whose only non-default setting is excluded is absent."""
+    out = {}
+    for k, v in d.items():
+        v = _prune(v) if isinstance(v, dict) else v
+        if v != {}:
+            out[k] = v
+    return out
+
+
+def experiment_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """The experiment settings (dotted keys, with old and new values) that differ."""
+    a = old.model_dump(mode="json", include=set(EXPERIMENT), exclude=_HOW)
+    b = new.model_dump(mode="json", include=set(EXPERIMENT), exclude=_HOW)
+    return [f"{k} ({_lookup(a, k)!r} -> {_lookup(b, k)!r})" for k in changed_keys(a, b)]
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def appended_datasets(old: RunConfig, new: RunConfig) -> list[str]:
@@ -351,10 +421,7 @@ def appended_datasets(old: RunConfig, new: RunConfig) -> list[str]:
     trimmed.data.datasets = trimmed.data.datasets[:n]
     if trimmed.experiment_hash() == old.experiment_hash():
         return [d.name for d in new.data.datasets[n:]]
-    skip = {"runtime", "run_dir", "diagnostics"}
-    changed = _changed_keys(
-        old.model_dump(mode="json", exclude=skip), trimmed.model_dump(mode="json", exclude=skip)
-    )
+    changed = experiment_changes(old, trimmed)
     raise ConfigError(
         "only appending to data.datasets is allowed when adding datasets, but "
         + (", ".join(changed) or "the experiment")
@@ -364,7 +431,11 @@ def appended_datasets(old: RunConfig, new: RunConfig) -> list[str]:
 
 def _parse_value(text: str) -> Any:
     """An override value is YAML: ``3`` is an int, ``[a, b]`` a list, ``null`` None."""
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"override value {text!r} is not valid YAML ({problem})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -374,6 +445,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, value = item.split("=", 1)
+        try:
+            parsed = _parse_value(value)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -381,7 +456,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parsed
     return raw
 
 

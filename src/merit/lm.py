@@ -1,7 +1,8 @@
-"""Loading θ0 and its tokenizer, devices and dtypes, and θ0's fingerprint.
+"""The language model: finding and loading θ0 and its tokenizer, devices and dtypes, θ0's
+fingerprint, and the answer-token loss every stage shares.
 
-A hub id and a local directory go through the same ``from_pretrained`` code; merit's own demo
-base model is just a local directory in the cache.
+A hub id, a local directory, a GGUF file and a named model all end as a local Hugging Face
+directory that the same ``from_pretrained`` code loads; merit's own tiny θ0 is one in the cache.
 """
 
 from __future__ import annotations
@@ -37,10 +38,25 @@ def cache_dir(runtime: RuntimeConfig) -> Path:
     return Path(root).expanduser()
 
 
+class DeviceError(ValueError):
+    """``runtime.device`` names a device this machine does not have."""
+
+
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
     if runtime.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(runtime.device)
+    try:
+        device = torch.device(runtime.device)
+    except RuntimeError:
+        raise DeviceError(f"runtime.device={runtime.device}: not a device name") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= max(count, 1) or count == 0:
+            raise DeviceError(
+                f"runtime.device={runtime.device}: this machine has {count} CUDA device(s); "
+                "use runtime.device=auto or cpu"
+            )
+    return device
 
 
 def apply_runtime(runtime: RuntimeConfig) -> None:
@@ -88,20 +104,72 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return getattr(torch, name)
 
 
-def local_model_dir(path: str) -> Path:
-    """The local directory of a model: the path itself, or the hub snapshot (must be cached)."""
+class ModelPathError(ValueError):
+    """``model.path`` names no model merit can find (one line: what was tried)."""
+
+
+def _hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) <= 2 and all(parts) and not path.startswith((".", "/", "~"))
+
+
+def check_model_path(path: str) -> None:
+    """Cheap checks of ``model.path`` before any work: a directory with a config, a GGUF file, a
+    known name, or a hub id. Building the demo θ0 and downloads come later."""
+    from merit.gguf import NAMED_MODELS, ModelSourceError, is_gguf
+
+    if path == "demo" or path in NAMED_MODELS:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelPathError(f"model.path={path}: a directory without config.json")
+        return
+    if p.is_file():
+        if not is_gguf(p):
+            raise ModelSourceError(f"model.path={path}: not a GGUF file (no GGUF magic)")
+        return
+    if not _hub_id(path):
+        known = ", ".join(["demo", *NAMED_MODELS])
+        raise ModelPathError(
+            f"model.path={path}: no such directory or .gguf file, not a known name ({known}), "
+            "and not a hub id (owner/name)"
+        )
+
+
+def local_model_dir(path: str, cache: Path, progress: bool = True) -> Path:
+    """θ0's local Hugging Face directory: the directory itself; a GGUF file or a named model
+    converted once into the cache (:mod:`merit.gguf`); a hub id's snapshot (cached, else
+    downloaded)."""
+    from merit.gguf import NAMED_MODELS, convert_gguf, named_model
+
+    check_model_path(path)
+    if path in NAMED_MODELS:
+        return named_model(path, cache, progress)
     p = Path(path).expanduser()
     if p.is_dir():
         return p
-    if p.exists() or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path}: not a model directory")
+    if p.is_file():
+        return convert_gguf(p, cache, progress)
+    return _hub_snapshot(path)
+
+
+def _hub_snapshot(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-        )
-    )
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not in the cache: download below
+        pass
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as err:  # offline, not found, gated: one line whatever the cause
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(
+            f"model.path={repo}: no directory ./{repo}, no .gguf file, not a known name, not in "
+            f"the Hugging Face cache, and the hub download failed ({type(err).__name__}: {why})"
+        ) from None
 
 
 def load_tokenizer(path: str | Path):
@@ -179,3 +247,36 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
             seen.add(id(p))
             out.append((name, p))
     return out
+
+
+# -- distances between checkpoints ------------------------------------------------------------------
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(model_dir).glob(f"*{WEIGHT_SUFFIX}")):
+        with safe_open(str(f), "pt") as fh:
+            out.update(dict.fromkeys(fh.keys(), f))
+    return out
+
+
+def distances_from(base_dir: Path, model_dirs: Sequence[Path]) -> list[float]:
+    """‖θ − θ0‖ (fp64, over θ0's floating-point tensors) of each model, read tensor by tensor so
+    that no whole model is in memory."""
+    from safetensors import safe_open
+
+    base = _tensor_files(base_dir)
+    others = [_tensor_files(d) for d in model_dirs]
+    sq = [0.0] * len(model_dirs)
+    for name, f in base.items():
+        with safe_open(str(f), "pt") as fh:
+            t0 = fh.get_tensor(name)
+        if not t0.is_floating_point():
+            continue
+        for i, files in enumerate(others):
+            if name not in files:
+                raise ValueError(f"{model_dirs[i]}: no tensor {name} (θ0 has it)")
+            with safe_open(str(files[name]), "pt") as fh:
+                d = fh.get_tensor(name).double() - t0.double()
+            sq[i] += float(d.pow(2).sum())
+    return [s**0.5 for s in sq]

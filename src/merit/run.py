@@ -2,58 +2,64 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from merit.artifacts import read_json, write_json
-from merit.config import ConfigError, RunConfig, save_config
+from merit.config import (
+    ConfigError,
+    RunConfig,
+    appended_datasets,
+    changed_keys,
+    experiment_changes,
+    load_config,
+    save_config,
+)
 from merit.data.bigbench import resolve_bigbench
 from merit.data.mixture import Mixture, encode, load_mixture
 from merit.lm import (
     Encoded,
     apply_runtime,
     cache_dir,
+    check_model_path,
     fingerprint,
     load_model,
     load_tokenizer,
     local_model_dir,
     resolve_device,
 )
+from merit.merge.manifest import BRANCH_MANIFEST_FILE
 from merit.plan.splitters import PlanError
+
+MANIFEST = BRANCH_MANIFEST_FILE  # a finished branch or baseline: written last, atomically
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Layout of a run directory."""
+    """Layout of a run directory: every artifact's file name, defined once."""
 
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data.json"
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base.json"
-
-    @property
-    def sketches(self) -> Path:
-        return self.root / "calibration" / "sketches.safetensors"
-
-    @property
-    def calibration(self) -> Path:
-        return self.root / "calibration" / "calibration.json"
-
-    @property
-    def plan(self) -> Path:
-        return self.root / "plan.json"
+    config = property(lambda self: self.root / "config.yaml")
+    data = property(lambda self: self.root / "data.json")
+    base = property(lambda self: self.root / "base.json")
+    sketches = property(lambda self: self.root / "calibration" / "sketches.safetensors")
+    calibration = property(lambda self: self.root / "calibration" / "calibration.json")
+    plan = property(lambda self: self.root / "plan.json")
+    plan_plots = property(lambda self: self.root / "plan_plots")
+    launch_config = property(lambda self: self.root / "branches" / "launch.yaml")
+    merged = property(lambda self: self.root / "merged")
+    merged_adapter = property(lambda self: self.root / "merged-adapter")
+    shrink = property(lambda self: self.root / "controls" / "shrink")
+    eval_dir = property(lambda self: self.root / "eval")
+    diagnostics = property(lambda self: self.root / "diagnostics")
+    report = property(lambda self: self.root / "report")
+    timings = property(lambda self: self.root / "timings.json")
 
     def branch(self, k: int) -> Path:
         return self.root / "branches" / f"branch-{k}"
@@ -61,13 +67,9 @@ class RunPaths:
     def baseline(self, name: str) -> Path:
         return self.root / "baselines" / name
 
-    @property
-    def merged(self) -> Path:
-        return self.root / "merged"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
+    @staticmethod
+    def manifest(job_dir: Path) -> Path:
+        return job_dir / MANIFEST
 
 
 class StageError(RuntimeError):
@@ -90,47 +92,70 @@ class Run:
 
     # -- set-up -------------------------------------------------------------------------------
     def open(self, add: bool = False) -> Run:
-        """Create the run directory and save the resolved config; refuse a different experiment.
+        """Validate the config and its inputs, refuse a different experiment, then (and only
+        then) create the run directory and save the resolved config.
 
         With ``add`` (``merit plan --add``) the config may differ from the run's by datasets
         appended to ``data.datasets``, and nothing else.
         """
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        saved = self.paths.config
-        marker = self.paths.root / "experiment.sha256"
-        if marker.is_file() and marker.read_text().strip() != self.cfg.experiment_hash():
-            from merit.config import appended_datasets, load_config
-
-            try:
-                appended, why = appended_datasets(load_config(saved), self.cfg), ""
-            except ConfigError as err:
-                appended, why = None, str(err)
-            if not (add and appended is not None):
-                raise ConfigError(
-                    f"merit plan --add: {why}"
-                    if add
-                    else f"{self.paths.root} holds a run of a different config; choose another "
-                    "run_dir (only runtime.* may change between stages"
-                    + (
-                        "; to add datasets to this run, append them to data.datasets and run "
-                        "`merit plan CONFIG --add`)"
-                        if appended
-                        else ")"
-                    )
-                )
         self.validate()
+        self._check_experiment(add)
+        self._check_writable()
         # Atomic: parallel branch commands open the same run directory at once.
-        for path, text in ((saved, None), (marker, self.cfg.experiment_hash() + "\n")):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            if text is None:
-                save_config(self.cfg, tmp)
-            else:
-                tmp.write_text(text)
-            os.replace(tmp, path)
+        tmp = self.paths.config.with_name(f".config.yaml.{os.getpid()}.tmp")
+        save_config(self.cfg, tmp)
+        os.replace(tmp, self.paths.config)
         return self
 
+    def _check_experiment(self, add: bool) -> None:
+        """A run directory holds one experiment: the settings its branches were trained with."""
+        if not self.paths.config.is_file():
+            return
+        try:
+            saved = load_config(self.paths.config, [f"run_dir={self.paths.root}"])
+        except ConfigError as err:
+            raise ConfigError(
+                f"{self.paths.config}: cannot read the run's config ({err})"
+            ) from None
+        changed = experiment_changes(saved, self.cfg)
+        if not changed:
+            return
+        if add:
+            appended_datasets(saved, self.cfg)  # ConfigError naming what else changed
+            return
+        try:
+            hint = bool(appended_datasets(saved, self.cfg))
+        except ConfigError:
+            hint = False
+        raise ConfigError(
+            f"{self.paths.root} holds a different experiment: {'; '.join(changed)} changed; "
+            "choose another run_dir (merging.*, evaluation.*, diagnostics.* and runtime.* may "
+            "change between commands"
+            + ("; to add datasets, run `merit plan CONFIG --add`)" if hint else ")")
+        )
+
+    def _check_writable(self) -> None:
+        root = self.paths.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"run_dir={root}: cannot write there ({err.strerror or type(err).__name__})"
+            ) from None
+
     def validate(self) -> None:
-        """Checks that need the data but no model: run before any long work starts."""
+        """Checks that need the data but no model: run before anything is written or trained."""
+        check_model_path(self.cfg.model.path)
+        if not self.is_demo:  # find (download, convert) θ0 now; the demo's is trained later
+            _ = self.base_dir
+        if self.cfg.runtime.launcher == "ray" and not _installed("ray"):
+            raise ConfigError(
+                "runtime.launcher=ray needs Ray, which is not installed: pip install 'merit[ray]' "
+                "(or use --launcher local)"
+            )
         n = len(self.mixture.datasets)
         if n == 0:
             raise ConfigError("the mixture has no datasets")
@@ -139,6 +164,26 @@ class Run:
         if k > n:
             what = f"planning.k={k}" if pc.k is not None else f"planning.rank={pc.rank}"
             raise PlanError(f"{what} asks for K={k} groups but the mixture has only {n} datasets")
+
+    def reuse(self, stage: str, recorded: dict | None, what: str, inputs_ok: bool = True) -> bool:
+        """Whether ``stage``'s artifact ``what``, made with the settings ``recorded`` (None: no
+        artifact), is reused; says so, or why the stage runs again."""
+        said = self.__dict__.setdefault("_said", set())
+        if (stage, what) in said:  # decided earlier in this process: the artifact is current
+            return recorded is not None
+        said.add((stage, what))
+        if recorded is None:
+            self.say(f"{stage}: computing {what}")
+            return False
+        changed = changed_keys(recorded, self.cfg.settings(stage))
+        if changed:
+            self.say(f"{stage}: re-running ({', '.join(changed)} changed)")
+            return False
+        if not inputs_ok:
+            self.say(f"{stage}: re-running (its inputs changed upstream)")
+            return False
+        self.say(f"{stage}: reusing {what}")
+        return True
 
     @cached_property
     def bigbench_dir(self) -> Path | None:
@@ -169,7 +214,7 @@ class Run:
                     self.device,
                     self.progress,
                 )
-        return local_model_dir(self.cfg.model.path)
+        return local_model_dir(self.cfg.model.path, self.cache, self.progress)
 
     @cached_property
     def base_fingerprint(self) -> str:
@@ -214,11 +259,20 @@ class Run:
         return _T()
 
     def say(self, msg: str) -> None:
-        print(f"[merit] {msg}", flush=True)
+        """Progress for people, on stderr: stdout carries results (tables, printed commands)."""
+        print(f"[merit] {msg}", file=sys.stderr, flush=True)
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def record_timing(run: Run, name: str, seconds: float) -> None:
-    path = run.paths.root / "timings.json"
+    path = run.paths.timings
     timings = read_json(path) if path.is_file() else {}
     timings[name] = seconds
     write_json(path, timings)

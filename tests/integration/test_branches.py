@@ -111,7 +111,7 @@ def test_sigkill_then_rerun_is_bitwise_equal(planned, capsys):
     again = _merit("train", str(cfg), f"run_dir={run}", "--branch", "0")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
-    assert "resuming from checkpoint-" in out
+    assert "resuming from checkpoint-" in err
     assert _weights(run, 0) == planned["ref"][0]  # bitwise
     m = json.loads((run / "branches" / "branch-0" / "manifest.json").read_text())
     ref = json.loads((planned["root"] / "reference/branches/branch-0/manifest.json").read_text())
@@ -121,7 +121,7 @@ def test_sigkill_then_rerun_is_bitwise_equal(planned, capsys):
     assert m["tokens_seen"] == ref["tokens_seen"] == 3 * plan["groups"][0]["tokens"]
     # An idempotent command: once done it returns at once.
     assert main(["train", str(cfg), f"run_dir={run}", "--branch", "0"]) == 0
-    assert "already trained" in capsys.readouterr().out
+    assert "already trained" in capsys.readouterr().err
 
 
 def test_sigterm_exits_75_with_checkpoint_then_truncated_newest_falls_back(planned, capsys):
@@ -149,7 +149,7 @@ def test_sigterm_exits_75_with_checkpoint_then_truncated_newest_falls_back(plann
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     assert "model.safetensors has" in checkpoint_problem(newest, _marker(newest)["run_key"])
     assert main(["train", str(cfg), f"run_dir={run}", "--branch", "1"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # progress goes to stderr
     assert f"{newest.name} is not usable" in out
     assert f"resuming from checkpoint-{previous[0]} " in out
     assert _weights(run, 1) == planned["ref"][1]  # bitwise, despite preemption + truncation
@@ -260,6 +260,7 @@ def test_merge_refuses_listing_every_problem(planned, capsys):
     (b1 / "manifest.json").unlink()  # branch 1 never finished
     assert main(["merge", *cfg]) == 2
     err = capsys.readouterr().err
+    err = err[err.index("merit: error:") :]  # after the stages' progress lines
     assert err.startswith("merit: error: cannot merge: 4 problem(s)")
     assert "branch 0: trained from another θ0" in err
     assert "branch 0: saw" in err and "the plan's budget is" in err
@@ -273,11 +274,12 @@ def test_merge_refuses_listing_every_problem(planned, capsys):
     (run / "plan.json").write_text(json.dumps(plan))
     from merit.config import load_config
     from merit.merge.stage import verify_branches
+    from merit.plan.stage import Plan
     from merit.run import Run, StageError
 
     r = Run(load_config(planned["cfg"], [f"run_dir={run}"]))
     with pytest.raises(StageError) as exc:
-        verify_branches(r, plan)
+        verify_branches(r, Plan.from_json(plan))
     msg = str(exc.value)
     assert "branch 0: trained from another plan" in msg
     assert "branch 1: missing (never started" in msg

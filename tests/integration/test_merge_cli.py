@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from merit.cli import main
 from merit.lm import fingerprint
+from merit.merge.manifest import MANIFEST_FILE
 
 UP = "model.layers.0.mlp.up_proj.weight"
 
@@ -65,7 +66,7 @@ def test_standalone_merge(base, ckpts, tmp_path, capsys):
     assert main([*argv, *map(str, ckpts)]) == 0
     stdout = capsys.readouterr().out
     assert "normalised: divided by their sum 10" in stdout and "0.4, 0.3, 0.2, 0.1" in stdout
-    manifest = json.loads((out / "merge_manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["normalized"] is True and manifest["weights_given"] == [4, 3, 2, 1]
     assert manifest["weights_from"] == "explicit (--weights)"
     assert manifest["base_fingerprint"] == fingerprint(base)
@@ -93,7 +94,7 @@ def test_weights_as_given_and_default_base(ckpts, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "used as given (not normalised; they sum to 2)" in stdout
     assert "the first checkpoint" in stdout
-    manifest = json.loads((out / "merge_manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["base_is_theta0"] is False and manifest["base"] == str(ckpts[0])
     a, b = read(ckpts[0]), read(ckpts[1])
     for name, tensor in read(out).items():
@@ -221,20 +222,20 @@ def test_verify_merge_detects_a_flipped_byte(ckpts, tmp_path, capsys):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    import merit.merge.streaming as m
+    from merit.merge import arithmetic, safetensors_io
 
-    m._CHUNK = 64  # many chunks per tensor: the kill lands inside a tensor
-    real, calls = m._ShardFile.write_now, []
+    arithmetic._CHUNK = 64  # many chunks per tensor: the kill lands inside a tensor
+    real, calls = safetensors_io.ShardWriter.write_now, []
 
     def write_now(self, data):  # stall after the header and the first chunk of the first shard
         real(self, data)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             self.file.flush()
             print("mid-write", flush=True)
             time.sleep(600)
 
-    m._ShardFile.write_now = write_now
+    safetensors_io.ShardWriter.write_now = write_now
     from merit.cli import main
     sys.exit(main(sys.argv[1:]))
     """

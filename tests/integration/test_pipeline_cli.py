@@ -70,15 +70,16 @@ def test_pipeline_end_to_end(tmp_path, mixture_specs, tiny_base, capsys):
     assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tie kept
 
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
-    assert set(results) == {"θ0 (base)", "joint", "MERIT K=2", "branch 0", "branch 1"}
+    assert set(results) == {"base", "joint", "merged", "branch-0", "branch-1"}
+    assert results["merged"]["label"] == "MERIT K=2" and results["base"]["label"] == "θ0 (base)"
     for rec in results.values():
         assert set(rec["datasets"]) == set(names)
         assert rec["datasets"]["pick_word"]["kind"] == "multiple_choice"
         assert 0.0 <= rec["datasets"]["pick_word"]["accuracy"] <= 1.0
         assert rec["datasets"]["copy_words"]["n_accuracy"] == 3
     # Training lowered held-out NLL compared to the untrained θ0.
-    assert results["joint"]["summary"]["nll"] < results["θ0 (base)"]["summary"]["nll"]
-    assert results["MERIT K=2"]["summary"]["nll"] < results["θ0 (base)"]["summary"]["nll"]
+    assert results["joint"]["summary"]["nll"] < results["base"]["summary"]["nll"]
+    assert results["merged"]["summary"]["nll"] < results["base"]["summary"]["nll"]
     assert (run / "eval" / "results.md").read_text().count("|") > 10
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["planning"]["rank"] == 1 and saved["calibration"]["seed"] == 0
@@ -90,8 +91,40 @@ def test_pipeline_end_to_end(tmp_path, mixture_specs, tiny_base, capsys):
 
     # One branch on its own (what a scheduler runs) is a no-op once done.
     assert main(["train", str(cfg), "--branch", "1"]) == 0
-    assert "already trained" in capsys.readouterr().out
+    assert "already trained" in capsys.readouterr().err
     assert main(["train", str(cfg), "--branch", "7"]) == 2
+    capsys.readouterr()
+
+    # A changed evaluation setting re-runs evaluation only: nothing upstream is touched.
+    upstream = [
+        run / "data.json",
+        run / "calibration" / "sketches.safetensors",
+        run / "plan.json",
+        run / "branches" / "branch-0" / "manifest.json",
+        run / "baselines" / "joint" / "manifest.json",
+        run / "merged" / "merge_manifest.json",
+    ]
+    stamps = [f.stat().st_mtime_ns for f in upstream]
+    scores = run / "eval" / "merged.json"
+    scored = scores.stat().st_mtime_ns
+    assert main(["evaluate", str(cfg), "evaluation.batch_size=7"]) == 0
+    out = capsys.readouterr().err  # what each stage reuses or re-runs, and why
+    assert [f.stat().st_mtime_ns for f in upstream] == stamps
+    assert scores.stat().st_mtime_ns > scored  # re-scored with the new setting
+    assert "plan: reusing plan.json" in out and "evaluating MERIT K=2" in out
+    # Summary settings re-summarise without re-scoring.
+    scored = scores.stat().st_mtime_ns
+    assert main(["evaluate", str(cfg), "evaluation.batch_size=7", "evaluation.confidence=0.9"]) == 0
+    assert scores.stat().st_mtime_ns == scored
+    results = json.loads((run / "eval" / "results.json").read_text())["models"]
+    assert results["merged"]["summary"]["confidence"] == 0.9
+
+    # A changed experiment setting is refused in one line that names it.
+    res = _cli("run", str(cfg), "training.learning_rate=0.01")
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert "\n" not in err and "different experiment" in err and "training.learning_rate" in err
+    assert [f.stat().st_mtime_ns for f in upstream] == stamps
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

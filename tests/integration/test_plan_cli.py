@@ -47,7 +47,7 @@ def test_plan_compare_stability_plots_and_hessian(tmp_path, mixture_specs, tiny_
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     names = sorted(s["name"] for s in mixture_specs)
     assert sorted(n for g in plan["groups"] for n in g["datasets"]) == names
-    for key in ("K", "rank", "cosine", "explained_variance", "config_hash", "base_fingerprint"):
+    for key in ("K", "rank", "cosine", "explained_variance", "settings", "base_fingerprint"):
         assert key in plan
     for d in plan["datasets"]:
         assert {"name", "group", "samples", "tokens", "z"} <= set(d)
@@ -94,8 +94,8 @@ def test_add_equals_planning_from_scratch(tmp_path, mixture_specs, tiny_base, ca
     grown = _config(tmp_path, specs, tiny_base, "grow", **plan_kw)
     capsys.readouterr()
     assert main(["plan", str(grown), "--add"]) == 0
-    out = capsys.readouterr().out
-    assert "calibrating 1 new dataset(s)" in out and "changed group" in out
+    out = capsys.readouterr()
+    assert "calibrating 1 new dataset(s)" in out.err and "changed group" in out.out
     cal = json.loads((tmp_path / "grow" / "calibration" / "calibration.json").read_text())
     assert cal["computed"] == [new]  # one gradient pass, for the new dataset only
 
@@ -134,9 +134,11 @@ def test_add_refuses_other_changes_and_foreign_sketches(tmp_path, mixture_specs,
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             assert main(list(args)) == 2
-        text = err.getvalue().strip()
-        assert text.startswith("merit: error:") and "\n" not in text
-        return text
+        # Progress lines ([merit] ...) may come first; the error is the last line, and one line.
+        lines = err.getvalue().strip().splitlines()
+        assert lines[-1].startswith("merit: error:")
+        assert all(x.startswith("[merit] ") for x in lines[:-1])
+        return lines[-1]
 
     # Appending without --add: refused, and told how.
     assert "--add" in error("plan", str(grown))

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merit.config import ConfigError, apply_overrides, load_config
+from merit.config import (
+    STAGE_SETTINGS,
+    ConfigError,
+    apply_overrides,
+    experiment_changes,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +24,10 @@ def _write(tmp_path, raw):
 
 def test_shipped_configs_validate():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    assert demo.model.path == "demo" and demo.data.bigbench == "auto"
+    assert demo.model.path == "smollm2-135m-instruct" and demo.data.bigbench == "auto"
+    assert demo.data.unseen > 0 and "shrink" in demo.evaluation.models
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny.model.path == "demo" and tiny.data.unseen > 0
     example = load_config(ROOT / "configs" / "example-3b.yaml")
     assert "/" in example.model.path  # a hub id
     assert len(example.data.datasets) >= 4
@@ -87,3 +96,45 @@ def test_relative_dataset_paths_resolve_against_config_dir(tmp_path):
     p = _write(tmp_path, {"data": {"datasets": [{"name": "x", "path": "d/x.jsonl"}]}})
     cfg = load_config(p)
     assert Path(cfg.data.datasets[0].path) == tmp_path / "d" / "x.jsonl"
+
+
+def test_stage_settings_are_scoped(tmp_path):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    ev = load_config(p, ["evaluation.batch_size=7"])
+    mg = load_config(p, ["merging.dtype=bfloat16"])
+    tr = load_config(p, ["training.learning_rate=0.01"])
+    for stage in ("data", "calibrate", "plan", "train"):
+        assert a.settings_hash(stage) == ev.settings_hash(stage) == mg.settings_hash(stage)
+    assert a.settings_hash("evaluate") != ev.settings_hash("evaluate")
+    assert a.settings_hash("merge") != mg.settings_hash("merge")
+    assert a.settings_hash("merge") != tr.settings_hash("merge")  # merging reads the branches
+    assert a.settings_hash("plan") == tr.settings_hash("plan") != tr.settings_hash("train")
+    # How calibration runs is not what it computes.
+    assert a.settings_hash("calibrate") == load_config(
+        p, ["calibration.streaming=false"]
+    ).settings_hash("calibrate")
+
+
+def test_default_valued_settings_change_no_hash(tmp_path):
+    """A setting left at its default is recorded as absent: adding a new setting whose default
+    keeps the old behaviour leaves every existing run directory valid."""
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    b = load_config(p, ["training.learning_rate=0.0005", "planning.rank=2", "seed=0"])
+    assert all(a.settings_hash(s) == b.settings_hash(s) for s in STAGE_SETTINGS)
+    assert "training" not in a.settings("train")
+
+
+def test_experiment_changes_name_the_setting(tmp_path):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    assert experiment_changes(a, load_config(p, ["evaluation.batch_size=7"])) == []
+    changed = experiment_changes(a, load_config(p, ["training.learning_rate=0.01"]))
+    assert changed == ["training.learning_rate (0.0005 -> 0.01)"]
+
+
+def test_invalid_yaml_override_is_one_line(tmp_path):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    with pytest.raises(ConfigError, match=r"planning.rank: override value '\[1' is not valid YAML"):
+        load_config(p, ["planning.rank=[1"])

@@ -5,12 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from merit.artifacts import read_json, sha256_file, write_json
-from merit.calibrate.sketch import Calibration, SketchSpec, calibrate_model, spec_dict
+from merit.artifacts import Artifact, sha256_file
+from merit.calibrate.sketch import (
+    Calibration,
+    SketchSpec,
+    calibrate_model,
+    check_spec,
+    spec_dict,
+)
 from merit.data.stage import prepare_data
 from merit.run import Run, StageError
 
@@ -56,10 +63,10 @@ def _calibration_ids(run: Run) -> dict[str, str]:
     }
 
 
-def _grams(sketches: dict, names: list[str], counts: list[int], old: dict | None) -> dict:
+def _grams(sketches: dict, names: list[str], counts: list[int], old) -> dict:
     """Gram of the dataset sketches (fp64) and of the part sketches (fp32 products), reusing
-    the entries of an earlier calibration ``old`` (its record, with its tensors under "_tensors")
-    so that only the new datasets' rows are computed."""
+    the entries of an earlier calibration ``old`` (a CalibrationRecord with its tensors) so that
+    only the new datasets' rows are computed."""
     from merit.plan.conflict import extend_gram
 
     sk = sketches["sketches"].double().numpy()
@@ -67,11 +74,11 @@ def _grams(sketches: dict, names: list[str], counts: list[int], old: dict | None
     known = part_known = None
     rows: list[int] = []
     part_rows: list[int] = []
-    kept = old["_tensors"] if old is not None else {}
+    kept = old.tensors if old is not None else {}
     if "gram" in kept and "part_gram" in kept:
         pos = {n: i for i, n in enumerate(names)}
         start = np.cumsum([0, *counts])
-        rows = [pos[n] for n in old["datasets"]]
+        rows = [pos[n] for n in old.datasets]
         part_rows = [j for r in rows for j in range(start[r], start[r + 1])]
         known, part_known = kept["gram"].numpy(), kept["part_gram"].numpy()
     return {
@@ -80,7 +87,39 @@ def _grams(sketches: dict, names: list[str], counts: list[int], old: dict | None
     }
 
 
-def calibrate(run: Run, add: bool = False) -> dict:
+@dataclass
+class CalibrationRecord(Artifact):
+    """``calibration/calibration.json``: what the sketches in ``sketches.safetensors`` are of."""
+
+    settings: dict
+    base_fingerprint: str
+    spec: dict
+    sketches_sha256: str
+    datasets: list[str]
+    computed: list[str]
+    sq_norms: list[float]
+    sq_norm_exact: list[bool]
+    losses: list[float]
+    answer_tokens: list[int]
+    part_tokens: list[list[int]]
+    data_ids: dict[str, str]
+    modes: list[str] = field(default_factory=list)  # per computed dataset: stream / accumulate
+    # The tensors (sketches, parts, gram, part_gram), loaded with the record.
+    tensors: dict = field(default_factory=dict, metadata={"json": False}, repr=False)
+
+    def current(self, run: Run, spec: dict, ids: dict[str, str]) -> bool:
+        """Whether these sketches are of this θ0, sketch spec and calibration examples."""
+        return (
+            self.spec == spec
+            and self.base_fingerprint == run.base_fingerprint
+            and self.datasets == run.mixture.names
+            and self.data_ids == ids
+            and run.paths.sketches.is_file()
+            and self.sketches_sha256 == sha256_file(run.paths.sketches)
+        )
+
+
+def calibrate(run: Run, add: bool = False) -> CalibrationRecord:
     """Sketched mean answer-token gradient of every dataset at θ0 (paper §3.1), and of a few
     disjoint parts of its calibration examples (for plan stability).
 
@@ -88,105 +127,109 @@ def calibrate(run: Run, add: bool = False) -> dict:
     layout, θ0 fingerprint, loss definition, parts) must be this run's and its datasets unchanged;
     only the datasets it lacks are computed.
     """
-    from safetensors.torch import load_file, save_file
-
-    from merit.calibrate.sketch import check_spec
+    from safetensors.torch import load_file
 
     prepare_data(run)
-    cc = run.cfg.calibration
-    spec = _sketch_spec(run)
-    ids = _calibration_ids(run)
-    names = run.mixture.names
-    expect = {
-        "config_hash": run.cfg.experiment_hash(),
-        "base_fingerprint": run.base_fingerprint,
-        "spec": spec,
-    }
-    old = None
-    if run.paths.calibration.is_file() and run.paths.sketches.is_file():
-        rec = read_json(run.paths.calibration)
-        # Reused when what the sketches are of is unchanged (θ0, spec, datasets and their
-        # calibration examples), whatever else in the config changed (planning.*, say).
-        if (
-            rec.get("spec") == spec
-            and rec.get("base_fingerprint") == run.base_fingerprint
-            and rec.get("datasets") == names
-            and rec.get("data_ids") == ids
-            and rec.get("sketches_sha256") == sha256_file(run.paths.sketches)
-        ):
-            rec["sketches"] = load_file(run.paths.sketches)
-            return rec
-        if add:
-            old = rec
-    todo = names
-    if old is not None:
-        check_spec(old.get("spec", {}), spec)
-        gone = [n for n in old["datasets"] if n not in ids]
-        if gone:
-            raise StageError(
-                "--add only adds datasets; no longer in the mixture: " + ", ".join(gone)
-            )
-        changed = [n for n in old["datasets"] if old.get("data_ids", {}).get(n) != ids[n]]
-        if changed:
-            raise StageError(
-                "--add: the calibration examples of " + ", ".join(changed) + " changed since "
-                "they were sketched; plan from scratch in a new run_dir"
-            )
-        todo = [n for n in names if n not in old["datasets"]]
+    spec, ids = _sketch_spec(run), _calibration_ids(run)
+    old = CalibrationRecord.load_if(run.paths.calibration)
+    # Reused when what the sketches are of is unchanged (θ0, spec, datasets and their calibration
+    # examples), whatever else changed (planning.*, say).
+    ok = old is not None and old.current(run, spec, ids)
+    if run.reuse("calibrate", old and old.settings, "calibration sketches", ok):
+        old.tensors = load_file(run.paths.sketches)
+        return old
+    kept = _kept_datasets(old, spec, ids) if add and old is not None else None
+    todo = [n for n in run.mixture.names if kept is None or n not in kept.datasets]
     run.say(
-        f"calibrating {len(todo)} {'new ' if old is not None else ''}dataset(s) at θ0 "
-        f"(sketch d={spec['dim']}, {cc.microbatches} parts each)"
+        f"calibrating {len(todo)} {'new ' if kept is not None else ''}dataset(s) at θ0 "
+        f"(sketch d={spec['dim']}, {run.cfg.calibration.microbatches} parts each)"
     )
     with run.timed("calibrate"):
-        enc = run.encoded("calibration")
-        cal: dict[str, Calibration] = {}
-        if todo:
-            cal = calibrate_model(
-                run.load_base(),
-                {n: enc[n] for n in todo},
-                SketchSpec(cc.sketch_dim, cc.seed),
-                cc.batch_size,
-                run.tokenizer.pad_token_id,
-                run.progress,
-                parts=cc.microbatches,
-                fold_dim=spec["part_dim"],
-                streaming=cc.streaming,
-            )
-        if old is not None:  # the kept datasets, as recorded
-            kept = old["_tensors"] = load_file(run.paths.sketches)
-            start = np.cumsum([0] + [len(p) for p in old["part_tokens"]])
-            for i, n in enumerate(old["datasets"]):
-                cal[n] = Calibration(
-                    kept["sketches"][i],
-                    old["sq_norms"][i],
-                    old["losses"][i],
-                    old["answer_tokens"][i],
-                    parts=kept["parts"][start[i] : start[i + 1]],
-                    part_tokens=old["part_tokens"][i],
-                    sq_norm_exact=old["sq_norm_exact"][i],
-                )
-        sketches = {
-            "sketches": torch.stack([cal[n].sketch for n in names]).contiguous(),
-            "parts": torch.cat([cal[n].parts for n in names]).contiguous(),
-        }
-        # Inner products for planning, kept with the sketches: --add multiplies new rows only.
-        sketches.update(_grams(sketches, names, [len(cal[n].part_tokens) for n in names], old))
-        run.paths.sketches.parent.mkdir(parents=True, exist_ok=True)
-        tmp = run.paths.sketches.with_name(".sketches.tmp")
-        save_file(sketches, str(tmp))
-        os.replace(tmp, run.paths.sketches)
-        rec = {
-            **expect,
-            "sketches_sha256": sha256_file(run.paths.sketches),
-            "datasets": names,
-            "computed": todo,
-            "sq_norms": [cal[n].sq_norm for n in names],
-            "sq_norm_exact": [cal[n].sq_norm_exact for n in names],
-            "losses": [cal[n].loss for n in names],
-            "answer_tokens": [cal[n].tokens for n in names],
-            "part_tokens": [cal[n].part_tokens for n in names],
-            "data_ids": ids,
-        }
-        write_json(run.paths.calibration, rec)
-    rec["sketches"] = sketches
+        cal = _sketch_datasets(run, todo, spec) if todo else {}
+        if kept is not None:
+            kept.tensors = load_file(run.paths.sketches)
+            cal.update(_recorded(kept))
+        return _write(run, cal, spec, ids, todo, kept)
+
+
+def _kept_datasets(old: CalibrationRecord, spec: dict, ids: dict[str, str]) -> CalibrationRecord:
+    """``--add``: the earlier calibration, if its sketches can be extended by the new datasets."""
+    check_spec(old.spec, spec)
+    gone = [n for n in old.datasets if n not in ids]
+    if gone:
+        raise StageError("--add only adds datasets; no longer in the mixture: " + ", ".join(gone))
+    changed = [n for n in old.datasets if old.data_ids.get(n) != ids[n]]
+    if changed:
+        raise StageError(
+            "--add: the calibration examples of " + ", ".join(changed) + " changed since "
+            "they were sketched; plan from scratch in a new run_dir"
+        )
+    return old
+
+
+def _sketch_datasets(run: Run, names: list[str], spec: dict) -> dict[str, Calibration]:
+    cc = run.cfg.calibration
+    enc = run.encoded("calibration")
+    return calibrate_model(
+        run.load_base(),
+        {n: enc[n] for n in names},
+        SketchSpec(cc.sketch_dim, cc.seed),
+        cc.batch_size,
+        run.tokenizer.pad_token_id,
+        run.progress,
+        parts=cc.microbatches,
+        fold_dim=spec["part_dim"],
+        streaming=cc.streaming,
+    )
+
+
+def _recorded(rec: CalibrationRecord) -> dict[str, Calibration]:
+    """The datasets of an earlier calibration, as recorded."""
+    start = np.cumsum([0] + [len(p) for p in rec.part_tokens])
+    return {
+        n: Calibration(
+            rec.tensors["sketches"][i],
+            rec.sq_norms[i],
+            rec.losses[i],
+            rec.answer_tokens[i],
+            parts=rec.tensors["parts"][start[i] : start[i + 1]],
+            part_tokens=rec.part_tokens[i],
+            sq_norm_exact=rec.sq_norm_exact[i],
+        )
+        for i, n in enumerate(rec.datasets)
+    }
+
+
+def _write(run: Run, cal: dict, spec: dict, ids: dict, todo: list, kept) -> CalibrationRecord:
+    from safetensors.torch import save_file
+
+    names = run.mixture.names
+    tensors = {
+        "sketches": torch.stack([cal[n].sketch for n in names]).contiguous(),
+        "parts": torch.cat([cal[n].parts for n in names]).contiguous(),
+    }
+    # Inner products for planning, kept with the sketches: --add multiplies new rows only.
+    counts = [len(cal[n].part_tokens) for n in names]
+    tensors.update(_grams(tensors, names, counts, kept))
+    run.paths.sketches.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.paths.sketches.with_name(f".sketches.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run.paths.sketches)
+    rec = CalibrationRecord(
+        settings=run.cfg.settings("calibrate"),
+        base_fingerprint=run.base_fingerprint,
+        spec=spec,
+        sketches_sha256=sha256_file(run.paths.sketches),
+        datasets=names,
+        computed=todo,
+        sq_norms=[cal[n].sq_norm for n in names],
+        sq_norm_exact=[cal[n].sq_norm_exact for n in names],
+        losses=[cal[n].loss for n in names],
+        answer_tokens=[cal[n].tokens for n in names],
+        part_tokens=[cal[n].part_tokens for n in names],
+        data_ids=ids,
+        modes=[getattr(cal[n], "mode", "") for n in todo],
+    )
+    rec.save(run.paths.calibration)
+    rec.tensors = tensors
     return rec

@@ -8,7 +8,6 @@ dataset, that :mod:`merit.data.formats` reads like any other BIG-bench folder.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -17,15 +16,13 @@ import shutil
 import statistics
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from merit.artifacts import sha256_file
 from merit.config import ConfigError
 from merit.data.formats import DataError, as_text, bigbench_task_files, is_bigbench_task
+from merit.fetch import pypi_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +32,6 @@ _BB_MIN_EXAMPLES = 250
 _BB_MAX_MEDIAN_INPUT_CHARS = 600
 _BB_MAX_EXAMPLES = 1000
 _BB_TASKS_MARKER = "bigbench/benchmark_tasks/"
-_PYPI_URLS = (
-    f"https://pypi.org/pypi/bigbench/{_BB_VERSION}/json",
-    # The per-version endpoint is not reachable everywhere (some mirrors and proxies
-    # answer 404); the project endpoint lists the same files under "releases".
-    "https://pypi.org/pypi/bigbench/json",
-)
 
 
 # --------------------------------------------------------------------------- BIG-bench download
@@ -111,53 +102,9 @@ def select_bigbench_tasks(members: dict[str, dict]) -> dict[str, dict]:
     return selected
 
 
-def _pypi_sdist() -> tuple[str, str, int]:
-    """URL, sha256 and size of the bigbench sdist, from PyPI's JSON API."""
-    last_error: Exception | None = None
-    for url in _PYPI_URLS:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                meta = json.load(response)
-        except urllib.error.HTTPError as e:
-            last_error = e
-            continue
-        files = meta.get("urls") if url.endswith(f"/{_BB_VERSION}/json") else None
-        files = files or meta.get("releases", {}).get(_BB_VERSION, [])
-        for f in files:
-            if f.get("packagetype") == "sdist":
-                return f["url"], f["digests"]["sha256"], int(f.get("size") or 0)
-        last_error = DataError(f"{url}: no sdist for bigbench {_BB_VERSION}")
-    raise OSError(f"cannot find the bigbench {_BB_VERSION} sdist on PyPI ({last_error})")
-
-
 def _download_sdist(cache_dir: Path) -> Path:
-    """Download (or reuse) ``cache_dir/bigbench-1.0.0.tar.gz``, verified against PyPI's sha256."""
-    from tqdm.auto import tqdm
-
-    url, sha256, size = _pypi_sdist()
-    target = cache_dir / url.rsplit("/", 1)[-1]
-    if target.is_file() and sha256_file(target) == sha256:
-        return target
-    partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
-    try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as response,
-            partial.open("wb") as out,
-            tqdm(total=size or None, unit="B", unit_scale=True, desc=target.name) as bar,
-        ):
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                digest.update(block)
-                bar.update(len(block))
-    except BaseException:
-        partial.unlink(missing_ok=True)  # an interrupted download is useless
-        raise
-    if digest.hexdigest() != sha256:
-        partial.unlink()
-        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {digest.hexdigest()})")
-    partial.replace(target)
-    return target
+    """``cache_dir/bigbench-1.0.0.tar.gz``, verified against PyPI's sha256 (see merit.fetch)."""
+    return pypi_file("bigbench", _BB_VERSION, cache_dir, packagetype="sdist")
 
 
 def _write_task(path: Path, task: dict) -> None:
@@ -267,4 +214,11 @@ def resolve_bigbench(setting: str | None, cache: Path, progress: bool = True) ->
         return Path(env)
     if SHARED_BIGBENCH.is_dir():
         return SHARED_BIGBENCH
-    return fetch_bigbench(cache)
+    try:
+        return fetch_bigbench(cache)
+    except OSError as err:  # offline, proxy, PyPI down: say what to do instead
+        reason = getattr(err, "reason", None) or err.strerror or err
+        raise DataError(
+            f"data.bigbench=auto: cannot fetch bigbench=={_BB_VERSION} from PyPI ({reason}); "
+            "point MERIT_BIGBENCH (or data.bigbench) at a folder of BIG-bench task files"
+        ) from None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from merit.artifacts import sha256_file
 from merit.config import DataConfig, SplitConfig
 from merit.data.formats import DataError, Example, LoadedDataset, bigbench_task_files, load_dataset
 from merit.lm import IGNORE, Encoded
@@ -35,6 +36,8 @@ class MixtureDataset:
 @dataclass
 class Mixture:
     datasets: list[MixtureDataset] = field(default_factory=list)
+    # Whole tasks kept out of training: only their eval examples are ever read.
+    unseen: list[MixtureDataset] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -78,19 +81,23 @@ def split_indices(n: int, name: str, cfg: SplitConfig, base: int = 0) -> dict[st
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, or of a directory's files (sorted by relative path)."""
     path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(bytes.fromhex(sha256_file(f)))
     return h.hexdigest()
 
 
-def dataset_sources(cfg: DataConfig, bigbench_dir: Path | None) -> list[tuple[str, str, str]]:
-    """(name, path, format) of every dataset in the mixture, checked for duplicates."""
+def _seeded(name: str, purpose: str, seed: int) -> str:
+    return hashlib.sha256(f"{purpose}:{seed}:{name}".encode()).hexdigest()
+
+
+def dataset_sources(
+    cfg: DataConfig, bigbench_dir: Path | None
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(name, path, format) of the training datasets and of the unseen ones (disjoint)."""
     sources = [(d.name, d.path, d.format) for d in cfg.datasets]
     if bigbench_dir is not None:
         for f in bigbench_task_files(bigbench_dir):
@@ -102,22 +109,39 @@ def dataset_sources(cfg: DataConfig, bigbench_dir: Path | None) -> list[tuple[st
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"two datasets have the same name: {', '.join(dupes)}")
-    sources.sort(key=lambda s: s[0])
+    seed = cfg.split.seed
+    if cfg.unseen >= len(sources):
+        raise DataError(
+            f"data.unseen={cfg.unseen} keeps every one of the {len(sources)} datasets out of "
+            "training"
+        )
+    by_hash = sorted(sources, key=lambda s: _seeded(s[0], "unseen", seed))
+    unseen = sorted(by_hash[: cfg.unseen])
+    train = by_hash[cfg.unseen :]
+    if cfg.order == "hash":
+        train.sort(key=lambda s: _seeded(s[0], "order", seed))
+    else:
+        train.sort(key=lambda s: s[0])
     if cfg.max_datasets is not None:
-        sources = sources[: cfg.max_datasets]
-    return sources
+        train = train[: cfg.max_datasets]
+    return sorted(train), unseen
 
 
 def load_mixture(
     cfg: DataConfig, bigbench_dir: Path | None = None, base_examples: int = 0, hashes: bool = True
 ) -> Mixture:
     """Load and split every dataset of the mixture (no tokenization)."""
-    mixture = Mixture()
-    for name, path, fmt in dataset_sources(cfg, bigbench_dir):
-        data = load_dataset(name, path, fmt)
-        splits = split_indices(len(data.examples), name, cfg.split, base_examples)
-        mixture.datasets.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
-    return mixture
+    train, unseen = dataset_sources(cfg, bigbench_dir)
+
+    def load(sources, base: int) -> list[MixtureDataset]:
+        out = []
+        for name, path, fmt in sources:
+            data = load_dataset(name, path, fmt)
+            splits = split_indices(len(data.examples), name, cfg.split, base)
+            out.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
+        return out
+
+    return Mixture(load(train, base_examples), load(unseen, 0))
 
 
 def require_chat_template(tokenizer) -> None:

@@ -8,29 +8,36 @@ from merit.run import Run
 
 def prepare_data(run: Run) -> dict:
     """Load, split and tokenize the mixture; write ``data.json`` (splits, counts, tokens)."""
-    if run.paths.data.is_file():
-        rec = read_json(run.paths.data)
-        if rec.get("config_hash") == run.cfg.experiment_hash():
-            return rec
-    _ = run.base_dir  # build the demo θ0 first (timed on its own): its tokenizer counts tokens
+    rec = read_json(run.paths.data) if run.paths.data.is_file() else None
+    ok = rec is not None and rec.get("base_fingerprint") == run.base_fingerprint
+    if run.reuse("data", rec and rec.get("settings"), "data.json", ok):
+        return rec
     with run.timed("data"):
         train = run.encoded("train")
-        rows = []
-        for d in run.mixture.datasets:
-            rows.append(
-                {
-                    "name": d.name,
-                    "format": d.data.format,
-                    "path": d.data.path,
-                    "sha256": d.file_hash,
-                    "examples": len(d.data.examples),
-                    "splits": {k: len(v) for k, v in d.splits.items()},
-                    "train_tokens": sum(len(e.input_ids) for e in train[d.name]),
-                    "train_answer_tokens": sum(e.answer_tokens for e in train[d.name]),
-                    "indices": d.splits,
-                }
-            )
-        rec = {"config_hash": run.cfg.experiment_hash(), "datasets": rows}
+        rows = [
+            {
+                "name": d.name,
+                "format": d.data.format,
+                "path": d.data.path,
+                "sha256": d.file_hash,
+                "examples": len(d.data.examples),
+                "splits": {k: len(v) for k, v in d.splits.items()},
+                "train_tokens": sum(len(e.input_ids) for e in train[d.name]),
+                "train_answer_tokens": sum(e.answer_tokens for e in train[d.name]),
+                "indices": d.splits,
+            }
+            for d in run.mixture.datasets
+        ]
+        unseen = [
+            {"name": d.name, "sha256": d.file_hash, "eval": len(d.splits["eval"])}
+            for d in run.mixture.unseen
+        ]
+        rec = {
+            "settings": run.cfg.settings("data"),
+            "base_fingerprint": run.base_fingerprint,
+            "datasets": rows,
+            "unseen": unseen,
+        }
         write_json(run.paths.data, rec)
     return rec
 
@@ -54,4 +61,7 @@ def data_table(rec: dict) -> str:
         f"{'total (' + str(len(rec['datasets'])) + ' datasets)':<48} {'':<9} {tot['train']:>6} "
         f"{tot['calibration']:>6} {tot['eval']:>6} {tot['base']:>6} {tot['tokens']:>9}"
     )
+    if unseen := rec.get("unseen"):
+        names = ", ".join(u["name"] for u in unseen[:6]) + (" …" if len(unseen) > 6 else "")
+        lines.append(f"unseen tasks (never trained on; evaluated): {len(unseen)} [{names}]")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Held-out evaluation per dataset: answer NLL and accuracy, with bootstrap confidence intervals.
+"""Held-out evaluation per dataset: answer NLL and accuracy.
 
 Scoring. The NLL of a dataset is the mean over its answer tokens (the tokens the chat template
 puts after the generation prompt). Multiple choice: every option is scored as if it were the
@@ -12,27 +12,21 @@ Speed. All scoring sequences of all datasets are batched together, sorted by len
 datasets cost about as much as one big one; logits are computed only at answer positions (the
 language-model head over a 4k–150k vocabulary is most of the cost of scoring a long prompt).
 
-Statistics. Every dataset counts once in an average. Confidence intervals come from a
-stratified bootstrap: examples are resampled within each dataset (the set of datasets is what
-the user chose, the examples are a sample), with indices drawn from a generator seeded by the
-dataset's name, so two models are always resampled identically — a paired comparison of a
-model with itself has a difference of exactly zero in every resample.
+Averages, bootstrap intervals and paired comparisons of these records: ``merit.evaluate.statistics``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merit.data.mixture import Mixture, encode, encode_pairs, render
+from merit.data.mixture import Mixture, encode, render
 from merit.lm import IGNORE, Encoded, pad_batch
 
 # Bumped when what evaluate_model records changes: the pipeline re-evaluates older results.
@@ -335,6 +329,88 @@ class _Item:
     choice: int = -1
 
 
+@dataclass
+class _Requests:
+    """What evaluating a mixture asks of a model: sequences to score (each example's reference
+    answer, and every option of a multiple-choice question) and prompts to decode."""
+
+    seqs: list[Encoded] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
+    gen_prompts: list[str] = field(default_factory=list)
+    gen_items: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _requests(tokenizer, mixture: Mixture, max_length, max_examples, max_generate):
+    """The scoring requests of every dataset's eval split, and each dataset's record so far."""
+    req, per = _Requests(), {}
+    for ds in mixture.datasets:
+        examples = ds.examples("eval")[:max_examples]
+        mc = bool(examples) and all(ex.choices for ex in examples)
+        per[ds.name] = {"kind": "multiple_choice" if mc else "generative", "n": len(examples)}
+        for i, enc in enumerate(encode(tokenizer, examples, max_length)):
+            req.seqs.append(enc)
+            req.items.append(_Item(ds.name, i, "answer"))
+        for i, ex in enumerate(examples):
+            if mc:
+                variants = [type(ex)(ex.messages, c) for c in ex.choices]
+                for c, enc in enumerate(encode(tokenizer, variants, max_length)):
+                    req.seqs.append(enc)
+                    req.items.append(_Item(ds.name, i, "choice", c))
+            elif i < max_generate:
+                req.gen_prompts.append(render(tokenizer, [ex])[0][0])
+                req.gen_items.append((ds.name, i))
+    return req, per
+
+
+def _record_scores(per: dict, mixture: Mixture, items, logp, count, max_examples) -> None:
+    """Each dataset's NLL and, for multiple choice, its accuracy (the option of highest mean
+    log-probability per token wins; the unnormalised winner is kept too), in place."""
+    ex_nll: dict[str, dict[int, float]] = {name: {} for name in per}
+    ex_tok: dict[str, dict[int, int]] = {name: {} for name in per}
+    choice_scores: dict[tuple[str, int], dict[int, tuple[float, int]]] = {}
+    for it, lp, n in zip(items, logp, count):
+        if it.kind == "answer":
+            ex_nll[it.dataset][it.example] = -float(lp)
+            ex_tok[it.dataset][it.example] = int(n)
+        else:
+            choice_scores.setdefault((it.dataset, it.example), {})[it.choice] = (float(lp), int(n))
+    for ds in mixture.datasets:
+        r = per[ds.name]
+        nlls = [ex_nll[ds.name][i] for i in range(r["n"])]
+        toks = [ex_tok[ds.name][i] for i in range(r["n"])]
+        r["nll"] = sum(nlls) / max(1, sum(toks)) if toks else None
+        r["example_nll"] = [round(x, 5) for x in nlls]
+        r["example_tokens"] = toks
+        if r["kind"] != "multiple_choice":
+            continue
+        hits, raw_hits = [], []
+        for i, ex in enumerate(ds.examples("eval")[:max_examples]):
+            scores = choice_scores[(ds.name, i)]
+            best = max(scores, key=lambda c: scores[c][0] / max(1, scores[c][1]))
+            raw = max(scores, key=lambda c: scores[c][0])
+            hits.append(int(ex.choices[best] in ex.targets))
+            raw_hits.append(int(ex.choices[raw] in ex.targets))
+        r["accuracy"] = float(np.mean(hits)) if hits else None
+        r["accuracy_unnormalized"] = float(np.mean(raw_hits)) if raw_hits else None
+        r["n_accuracy"] = len(hits)
+        r["example_correct"] = hits
+
+
+def _record_generations(per: dict, mixture: Mixture, gen_items, outs: Sequence[str]) -> None:
+    """Exact-match accuracy of the decoded examples (BIG-bench post-processing), in place."""
+    hits_by: dict[str, list[int]] = {}
+    for (name, i), text in zip(gen_items, outs):
+        ds = mixture[name]
+        ex = ds.examples("eval")[i]
+        bb = ds.data.format == "bigbench"
+        pred = postprocess(text, ds.data.output_regex, ds.data.stop_string, bigbench=bb)
+        hits_by.setdefault(name, []).append(int(exact_match(pred, ex.targets or (ex.answer,))))
+    for name, hits in hits_by.items():
+        per[name]["accuracy"] = float(np.mean(hits))
+        per[name]["n_accuracy"] = len(hits)
+        per[name]["example_correct"] = hits
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -352,290 +428,25 @@ def evaluate_model(
     Each dataset's record holds ``nll`` (mean over answer tokens), ``accuracy`` (length-normalised
     multiple choice, or exact match of the first ``max_generate`` examples), ``n``, ``kind``, and
     per-example values for the bootstrap: ``example_nll`` (summed NLL), ``example_tokens`` and
-    ``example_correct`` (0/1).
+    ``example_correct`` (0/1). ``label`` only names the progress bars.
     """
     model.eval()
-    seqs: list[Encoded] = []
-    items: list[_Item] = []
-    gen_prompts: list[str] = []
-    gen_items: list[tuple[str, int]] = []
-    per: dict[str, dict] = {}
-    for ds in mixture.datasets:
-        examples = ds.examples("eval")[:max_examples]
-        mc = bool(examples) and all(ex.choices for ex in examples)
-        per[ds.name] = {"kind": "multiple_choice" if mc else "generative", "n": len(examples)}
-        for i, enc in enumerate(encode(tokenizer, examples, max_length)):
-            seqs.append(enc)
-            items.append(_Item(ds.name, i, "answer"))
-        for i, ex in enumerate(examples):
-            if mc:
-                variants = [type(ex)(ex.messages, c) for c in ex.choices]
-                for c, enc in enumerate(encode(tokenizer, variants, max_length)):
-                    seqs.append(enc)
-                    items.append(_Item(ds.name, i, "choice", c))
-            elif i < max_generate:
-                gen_prompts.append(render(tokenizer, [ex])[0][0])
-                gen_items.append((ds.name, i))
+    req, per = _requests(tokenizer, mixture, max_length, max_examples, max_generate)
     pad = tokenizer.pad_token_id
-    logp, count = sequence_logprobs(model, seqs, batch_size, pad, progress, desc=f"score {label}")
-    ex_nll: dict[str, dict[int, float]] = {name: {} for name in per}
-    ex_tok: dict[str, dict[int, int]] = {name: {} for name in per}
-    choice_scores: dict[tuple[str, int], dict[int, tuple[float, int]]] = {}
-    for it, lp, n in zip(items, logp, count):
-        if it.kind == "answer":
-            ex_nll[it.dataset][it.example] = -float(lp)
-            ex_tok[it.dataset][it.example] = int(n)
-        else:
-            choice_scores.setdefault((it.dataset, it.example), {})[it.choice] = (float(lp), int(n))
-    for ds in mixture.datasets:
-        r = per[ds.name]
-        nlls = [ex_nll[ds.name][i] for i in range(r["n"])]
-        toks = [ex_tok[ds.name][i] for i in range(r["n"])]
-        r["nll"] = sum(nlls) / max(1, sum(toks)) if toks else None
-        r["example_nll"] = [round(x, 5) for x in nlls]
-        r["example_tokens"] = toks
-        if r["kind"] == "multiple_choice":
-            examples = ds.examples("eval")[:max_examples]
-            hits, raw_hits = [], []
-            for i, ex in enumerate(examples):
-                scores = choice_scores[(ds.name, i)]
-                best = max(scores, key=lambda c: scores[c][0] / max(1, scores[c][1]))
-                raw = max(scores, key=lambda c: scores[c][0])
-                hits.append(int(ex.choices[best] in ex.targets))
-                raw_hits.append(int(ex.choices[raw] in ex.targets))
-            r["accuracy"] = float(np.mean(hits)) if hits else None
-            r["accuracy_unnormalized"] = float(np.mean(raw_hits)) if raw_hits else None
-            r["n_accuracy"] = len(hits)
-            r["example_correct"] = hits
-    if gen_prompts:
+    logp, count = sequence_logprobs(
+        model, req.seqs, batch_size, pad, progress, desc=f"score {label}"
+    )
+    _record_scores(per, mixture, req.items, logp, count, max_examples)
+    if req.gen_prompts:
         outs = greedy_decode(
             model,
             tokenizer,
-            gen_prompts,
+            req.gen_prompts,
             max_new_tokens,
             batch_size,
             max_length,
             progress,
             desc=f"generate {label}",
         )
-        hits_by: dict[str, list[int]] = {}
-        for (name, i), text in zip(gen_items, outs):
-            ds = mixture[name]
-            ex = ds.examples("eval")[i]
-            bb = ds.data.format == "bigbench"
-            pred = postprocess(text, ds.data.output_regex, ds.data.stop_string, bigbench=bb)
-            hits_by.setdefault(name, []).append(int(exact_match(pred, ex.targets or (ex.answer,))))
-        for name, hits in hits_by.items():
-            per[name]["accuracy"] = float(np.mean(hits))
-            per[name]["n_accuracy"] = len(hits)
-            per[name]["example_correct"] = hits
+        _record_generations(per, mixture, req.gen_items, outs)
     return per
-
-
-# -- averages and the bootstrap -----------------------------------------------------------------
-METRICS = ("nll", "accuracy")
-
-
-def summarize(per: dict[str, dict]) -> dict[str, float | None]:
-    """Dataset averages: every dataset counts once, whatever its size."""
-    nll = [r["nll"] for r in per.values() if r.get("nll") is not None]
-    acc = [r["accuracy"] for r in per.values() if r.get("accuracy") is not None]
-    return {
-        "nll": float(np.mean(nll)) if nll else None,
-        "accuracy": float(np.mean(acc)) if acc else None,
-        "datasets": len(per),
-        "perplexity": float(math.exp(np.mean(nll))) if nll else None,
-    }
-
-
-def _resample_idx(name: str, n: int, samples: int, seed: int) -> np.ndarray:
-    """(samples, n) example indices of one dataset: a function of (seed, name, n) only."""
-    key = int.from_bytes(
-        hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little"
-    )
-    return np.random.default_rng([key, n]).integers(0, n, size=(samples, n))
-
-
-def _has(rec: dict, metric: str) -> bool:
-    if metric == "nll":
-        return bool(rec.get("example_tokens")) and sum(rec["example_tokens"]) > 0
-    return bool(rec.get("example_correct"))
-
-
-def _dataset_resamples(rec: dict, name: str, metric: str, samples: int, seed: int) -> np.ndarray:
-    """The dataset's metric under each bootstrap resample of its examples."""
-    if metric == "nll":
-        nll = np.asarray(rec["example_nll"], dtype=np.float64)
-        tok = np.asarray(rec["example_tokens"], dtype=np.float64)
-        idx = _resample_idx(name, len(nll), samples, seed)
-        return nll[idx].sum(1) / np.maximum(tok[idx].sum(1), 1.0)
-    hits = np.asarray(rec["example_correct"], dtype=np.float64)
-    idx = _resample_idx(name + "/accuracy", len(hits), samples, seed)
-    return hits[idx].mean(1)
-
-
-def _average_resamples(
-    per: dict[str, dict], names: Sequence[str], metric: str, samples: int, seed: int
-) -> np.ndarray:
-    acc = np.zeros(samples)
-    for name in names:
-        acc += _dataset_resamples(per[name], name, metric, samples, seed)
-    return acc / max(1, len(names))
-
-
-def _interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
-    lo, hi = np.quantile(x, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(lo), float(hi)
-
-
-def bootstrap_ci(
-    per: dict[str, dict],
-    metric: str,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the dataset average of ``metric`` ('nll'/'accuracy')."""
-    names = [n for n, r in per.items() if _has(r, metric)]
-    if not names:
-        return None
-    return _interval(_average_resamples(per, names, metric, samples, seed), confidence)
-
-
-def paired_bootstrap(
-    per_a: dict[str, dict],
-    per_b: dict[str, dict],
-    metric: str,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict | None:
-    """Model A minus model B on the datasets both have, examples resampled identically.
-
-    Returns the observed difference of dataset averages, its percentile interval, the share of
-    resamples in which A is better (lower NLL / higher accuracy), and per-dataset wins, ties
-    and losses of A.
-    """
-    names = [n for n in per_a if n in per_b and _has(per_a[n], metric) and _has(per_b[n], metric)]
-    if not names:
-        return None
-    for n in names:
-        key = "example_tokens" if metric == "nll" else "example_correct"
-        if len(per_a[n][key]) != len(per_b[n][key]):
-            raise ValueError(f"{n}: the two models were evaluated on different examples")
-    a = _average_resamples(per_a, names, metric, samples, seed)
-    b = _average_resamples(per_b, names, metric, samples, seed)
-    diff = a - b
-    sign = -1.0 if metric == "nll" else 1.0
-    obs_a = float(np.mean([per_a[n][metric] for n in names]))
-    obs_b = float(np.mean([per_b[n][metric] for n in names]))
-    d = np.array([per_a[n][metric] - per_b[n][metric] for n in names]) * sign
-    return {
-        "metric": metric,
-        "datasets": len(names),
-        "a": obs_a,
-        "b": obs_b,
-        "difference": obs_a - obs_b,
-        "ci": list(_interval(diff, confidence)),
-        "confidence": confidence,
-        "p_a_better": float(np.mean(sign * diff > 0)),
-        "wins": int((d > 1e-12).sum()),
-        "ties": int((np.abs(d) <= 1e-12).sum()),
-        "losses": int((d < -1e-12).sum()),
-    }
-
-
-def with_intervals(
-    per: dict[str, dict], samples: int, confidence: float, seed: int
-) -> dict[str, object]:
-    """:func:`summarize` plus a bootstrap interval for each averaged metric."""
-    s: dict[str, object] = dict(summarize(per))
-    for m in METRICS:
-        ci = bootstrap_ci(per, m, samples, confidence, seed)
-        s[f"{m}_ci"] = list(ci) if ci else None
-    s["confidence"] = confidence
-    return s
-
-
-def compare_models(
-    results: dict[str, dict[str, dict]],
-    anchor: str,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, dict]:
-    """Paired comparisons of ``anchor`` with every other model: ``{"A vs B": {metric: ...}}``.
-
-    ``results`` maps a model label to its per-dataset records (:func:`evaluate_model`).
-    """
-    out = {}
-    for other in results:
-        if other == anchor:
-            continue
-        out[f"{anchor} vs {other}"] = {
-            m: paired_bootstrap(results[anchor], results[other], m, samples, confidence, seed)
-            for m in METRICS
-        }
-    return out
-
-
-def _fmt(value, ci, pct: bool) -> str:
-    if value is None:
-        return "n/a"
-    if pct:
-        text = f"{100 * value:.2f}%"
-        return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def markdown_table(summaries: dict[str, dict]) -> str:
-    """Models × (held-out NLL, accuracy) averaged over datasets, with intervals when known."""
-    conf = next((s.get("confidence") for s in summaries.values() if s.get("confidence")), None)
-    tag = f" ({100 * conf:.0f}% CI)" if conf else ""
-    lines = [
-        f"| model | held-out NLL ↓{tag} | accuracy ↑{tag} | datasets |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, s in summaries.items():
-        nll = _fmt(s.get("nll"), s.get("nll_ci"), pct=False)
-        acc = _fmt(s.get("accuracy"), s.get("accuracy_ci"), pct=True)
-        lines.append(f"| {name} | {nll} | {acc} | {s['datasets']} |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_table(rows: dict[str, dict[str, dict | None]]) -> str:
-    """Paired comparisons ``{"A vs B": {"nll": paired, "accuracy": paired}}`` as Markdown."""
-    lines = [
-        "| comparison | Δ NLL (A−B) [CI] | P(A lower NLL) | Δ accuracy (A−B) [CI] | P(A more accurate) | datasets A/=/B better (acc) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in rows.items():
-        n, a = r.get("nll"), r.get("accuracy")
-        dn = f"{n['difference']:+.4f} [{n['ci'][0]:+.4f}, {n['ci'][1]:+.4f}]" if n else "n/a"
-        da = (
-            f"{100 * a['difference']:+.2f} pt [{100 * a['ci'][0]:+.2f}, {100 * a['ci'][1]:+.2f}]"
-            if a
-            else "n/a"
-        )
-        pn = f"{n['p_a_better']:.3f}" if n else "n/a"
-        pa = f"{a['p_a_better']:.3f}" if a else "n/a"
-        wl = f"{a['wins']}/{a['ties']}/{a['losses']}" if a else "n/a"
-        lines.append(f"| {name} | {dn} | {pn} | {da} | {pa} | {wl} |")
-    return "\n".join(lines) + "\n"
-
-
-__all__ = [
-    "EVAL_VERSION",
-    "answer_logprobs",
-    "bootstrap_ci",
-    "compare_models",
-    "comparison_table",
-    "encode_pairs",
-    "evaluate_model",
-    "exact_match",
-    "markdown_table",
-    "paired_bootstrap",
-    "postprocess",
-    "summarize",
-    "with_intervals",
-]

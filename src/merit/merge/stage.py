@@ -2,85 +2,94 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from merit.artifacts import read_json
-from merit.plan.stage import make_plan, plan_hash
-from merit.run import Run, StageError
+from merit.artifacts import read_json, sha256_file
+from merit.merge.manifest import MANIFEST_FILE, MergeManifest
+from merit.plan.stage import Plan, PlanGroup, make_plan, plan_hash
+from merit.run import Run, RunPaths, StageError
+from merit.train.stage import BranchManifest
 
 
-def verify_branches(run: Run, plan: dict) -> list[Path]:
-    """Every branch finished, from this θ0 and plan, on the planned token budget, with the weights
-    its manifest lists; else one error listing every problem."""
-    from merit.merge.streaming import cached_sha256
-
-    problems = []
-    p_hash = plan_hash(run)
-    epochs = run.cfg.training.epochs
-    dirs = []
-    for g in plan["groups"]:
-        k = g["id"]
-        d = run.paths.branch(k)
-        dirs.append(d / "model")
-        mp = d / "manifest.json"
-        if not mp.is_file():
-            if not d.is_dir():
-                problems.append(f"branch {k}: missing (never started; no {d})")
-                continue
-            prog = d / "progress.json"
-            where = ""
-            if prog.is_file():
-                p = read_json(prog)
-                where = f", {p.get('status')} at step {p.get('step')} of {p.get('max_steps')}"
-            problems.append(f"branch {k}: unfinished (no manifest{where})")
-            continue
-        m = read_json(mp)
-        if m.get("plan_sha256") != p_hash:
-            problems.append(f"branch {k}: trained from another plan")
-        if m.get("base_fingerprint") != run.base_fingerprint:
-            problems.append(f"branch {k}: trained from another θ0")
-        if m.get("datasets") != g["datasets"]:
-            problems.append(f"branch {k}: trained on other datasets than its group")
-        if m.get("tokens") != g["tokens"]:
-            problems.append(
-                f"branch {k}: trained {m.get('tokens')} tokens, plan says {g['tokens']}"
-            )
-        seen = m.get("tokens_seen")
-        want = (
-            g["tokens"] * int(epochs) if float(epochs).is_integer() else m.get("tokens_scheduled")
-        )
-        if seen != want:
-            problems.append(f"branch {k}: saw {seen} tokens, the plan's budget is {want}")
-        weights = m.get("weights", {})
-        if not any(r.startswith("model/") for r in weights):
-            problems.append(f"branch {k}: its manifest lists no weight files")
-        for rel, digest in weights.items():
-            f = d / rel
-            if not f.is_file():
-                problems.append(f"branch {k}: {f} is missing")
-            elif cached_sha256(f, run.cache / "sha256") != digest:  # the merge reuses it
-                problems.append(f"branch {k}: {f} differs from its manifest (sha256)")
+def verify_branches(run: Run, plan: Plan) -> list[Path]:
+    """Every branch finished, from this θ0, plan and schedule, on the planned token budget, with
+    the weights its manifest lists; else one error listing every problem."""
+    problems: list[str] = []
+    for g in plan.groups:
+        problems += _branch_problems(run, plan, g)
     if problems:
         raise StageError(f"cannot merge: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    return dirs
+    return [run.paths.branch(g.id) / "model" for g in plan.groups]
 
 
-def merge(run: Run) -> dict:
+def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
+    from merit.merge.hashing import cached_sha256
+
+    k, d = g.id, run.paths.branch(g.id)
+    mp = RunPaths.manifest(d)
+    if not mp.is_file():
+        if not d.is_dir():
+            return [f"branch {k}: missing (never started; no {d})"]
+        prog, where = d / "progress.json", ""
+        if prog.is_file():
+            p = read_json(prog)
+            where = f", {p.get('status')} at step {p.get('step')} of {p.get('max_steps')}"
+        return [f"branch {k}: unfinished (no manifest{where})"]
+    m = BranchManifest.load(mp)
+    problems = []
+    if m.plan_sha256 != plan_hash(run):
+        problems.append(f"branch {k}: trained from another plan")
+    if m.base_fingerprint != run.base_fingerprint:
+        problems.append(f"branch {k}: trained from another θ0")
+    if m.training != run.cfg.settings_hash("train"):
+        problems.append(f"branch {k}: trained with other training settings")
+    if m.datasets != g.datasets:
+        problems.append(f"branch {k}: trained on other datasets than its group")
+    if m.tokens != g.tokens:
+        problems.append(f"branch {k}: trained {m.tokens} tokens, plan says {g.tokens}")
+    epochs = run.cfg.training.epochs
+    want = g.tokens * int(epochs) if float(epochs).is_integer() else m.tokens_scheduled
+    if m.tokens_seen != want:
+        problems.append(f"branch {k}: saw {m.tokens_seen} tokens, the plan's budget is {want}")
+    if not any(rel.startswith("model/") for rel in m.weights):
+        problems.append(f"branch {k}: its manifest lists no weight files")
+    for rel, digest in m.weights.items():
+        f = d / rel
+        if not f.is_file():
+            problems.append(f"branch {k}: {f} is missing")
+        elif cached_sha256(f, run.cache / "sha256") != digest:  # the merge reuses it
+            problems.append(f"branch {k}: {f} differs from its manifest (sha256)")
+    return problems
+
+
+def _inputs(run: Run, plan: Plan) -> dict[str, str]:
+    """What the merge is of: the plan and every branch manifest (by sha256)."""
+    files = [run.paths.plan] + [RunPaths.manifest(run.paths.branch(g.id)) for g in plan.groups]
+    return {
+        str(f.relative_to(run.paths.root)): sha256_file(f) if f.is_file() else "" for f in files
+    }
+
+
+def merge(run: Run) -> MergeManifest:
     """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ N_j (paper eq. 3), streamed into ``merged/``."""
     from merit.merge.streaming import merge_checkpoints
 
     plan = make_plan(run)
-    mp = run.paths.merged / "merge_manifest.json"
-    p_hash = plan_hash(run)
-    if mp.is_file() and read_json(mp).get("metadata", {}).get("plan_sha256") == p_hash:
-        return read_json(mp)
+    old = (
+        MergeManifest.load(run.paths.merged)
+        if (run.paths.merged / MANIFEST_FILE).is_file()
+        else None
+    )
+    meta = old.metadata if old is not None else None
+    ok = meta is not None and meta.get("inputs") == _inputs(run, plan)
+    if run.reuse("merge", meta and meta.get("settings"), "merged model", ok):
+        return old
     dirs = verify_branches(run, plan)
     if run.paths.merged.exists():
-        import shutil
-
         shutil.rmtree(run.paths.merged)  # a stale merge of another plan
-    weights = [g["weight"] for g in plan["groups"]]
-    run.say("merging " + ", ".join(f"w{g['id']}={g['weight']:.3f}" for g in plan["groups"]))
+    weights = [g.weight for g in plan.groups]
+    run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups))
     with run.timed("merge"):
         manifest = merge_checkpoints(
             run.base_dir,
@@ -90,10 +99,12 @@ def merge(run: Run) -> dict:
             dtype=run.cfg.merging.dtype,
             max_shard_bytes=run.cfg.merging.max_shard_bytes,
             metadata={
-                "plan_sha256": p_hash,
+                "settings": run.cfg.settings("merge"),
+                "inputs": _inputs(run, plan),
+                "plan_sha256": plan_hash(run),
                 "base_fingerprint": run.base_fingerprint,
                 "weights_from": "plan tokens N_k / Σ N_j",
-                "tokens": [g["tokens"] for g in plan["groups"]],
+                "tokens": [g.tokens for g in plan.groups],
             },
             weights_from="plan tokens N_k / Σ N_j",
             base_fingerprint=run.base_fingerprint,
@@ -101,9 +112,68 @@ def merge(run: Run) -> dict:
             progress=run.progress,
         )
         if run.cfg.training.lora is not None:
-            # LoRA branches: also the merge as one exact adapter (rank-stacked, see merit.train.lora).
+            # LoRA branches: also the merge as one exact adapter (rank-stacked, merit.train.lora).
             from merit.train.lora import merge_adapters
 
-            adapters = [run.paths.branch(g["id"]) / "adapter" for g in plan["groups"]]
-            merge_adapters(adapters, weights, run.paths.root / "merged-adapter")
+            adapters = [run.paths.branch(g.id) / "adapter" for g in plan.groups]
+            merge_adapters(adapters, weights, run.paths.merged_adapter)
     return manifest
+
+
+def shrinkage_control(run: Run) -> dict:
+    """The shrinkage control θ0 + α(θ_joint − θ0) with α = ‖θ̄ − θ0‖ / ‖θ_joint − θ0‖.
+
+    A token-weighted merge of K branches moves about 1/K as far from θ0 as joint training; this
+    model moves joint training's way by as much as the merge moved, with no split at all, so it
+    tells how much of the merge's difference from joint training is that shrinkage alone.
+    """
+    from merit.lm import distances_from
+    from merit.merge.streaming import merge_checkpoints
+
+    merge(run)
+    joint = run.paths.baseline("joint") / "model"
+    if not RunPaths.manifest(joint.parent).is_file():
+        raise StageError("the shrinkage control needs the joint baseline (training.baselines)")
+    out, mp = run.paths.shrink, run.paths.shrink / MANIFEST_FILE
+    inputs = {
+        f: sha256_file(run.paths.root / f)
+        for f in ("merged/" + MANIFEST_FILE, "baselines/joint/manifest.json")
+    }
+    meta = read_json(mp).get("metadata", {}) if mp.is_file() else None
+    if run.reuse(
+        "shrink",
+        meta and {},
+        "shrinkage control",
+        meta is not None and meta.get("inputs") == inputs,
+    ):
+        return meta
+    merged_d, joint_d = distances_from(run.base_dir, [run.paths.merged, joint])
+    alpha = merged_d / joint_d if joint_d > 0 else 0.0
+    run.say(
+        f"shrinkage control: α = ‖θ̄ − θ0‖/‖θ_joint − θ0‖ = {merged_d:.4g}/{joint_d:.4g} = {alpha:.4f}"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    meta = {
+        "alpha": alpha,
+        "merged_distance": merged_d,
+        "joint_distance": joint_d,
+        "inputs": inputs,
+    }
+    with run.timed("merge"):
+        merge_checkpoints(
+            run.base_dir,
+            [joint],
+            [1.0],
+            out,
+            method="task_vector",
+            scale=alpha,
+            dtype=run.cfg.merging.dtype,
+            max_shard_bytes=run.cfg.merging.max_shard_bytes,
+            metadata=meta,
+            weights_from="the joint model, scaled by α (shrinkage control)",
+            base_fingerprint=run.base_fingerprint,
+            hash_cache=run.cache / "sha256",
+            progress=run.progress,
+        )
+    return meta

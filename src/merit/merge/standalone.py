@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from merit.merge.manifest import MergeManifest
 
 EXIT_USAGE = 2
 
@@ -31,14 +35,14 @@ def _size(text: str) -> int:
     try:
         return int(float(number) * units[t[len(number) :]])
     except (KeyError, ValueError):
-        from merit.merge.streaming import MergeError
+        from merit.merge.errors import MergeError
 
         raise MergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MiB)") from None
 
 
 def merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
     """Run a standalone merge or verify-merge; None for a run-config merge (the pipeline's)."""
-    from merit.merge.streaming import MergeError
+    from merit.merge.errors import MergeError
 
     try:
         if args.command == "verify-merge":
@@ -86,7 +90,8 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
     import os
     import time
 
-    from merit.merge.streaming import MergeError, describe_weights, merge_checkpoints
+    from merit.merge.errors import MergeError
+    from merit.merge.streaming import merge_checkpoints
 
     k = len(checkpoints)
     if args.weights is None:
@@ -124,26 +129,32 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
         threads=args.threads,
         progress=sys.stderr.isatty(),
     )
-    seconds = time.perf_counter() - t0
-    scale = f" with s = {m['scale']:g}" if m["scale"] is not None else ""
-    print(f"{m['method']} merge of {k} checkpoints: {m['formula']}{scale}")
-    print(f"  weights {', '.join(f'{w:.6g}' for w in m['weights'])}: {describe_weights(m)}")
-    if m["coefficients"]["base"]:
-        print(f"  coefficient of θ0: {m['coefficients']['base']:.6g}")
-    role = "θ0" if base_is_theta0 else "structure and files only: the first checkpoint"
-    print(f"  base {m['base']} ({role}); θ0 fingerprint {m['base_fingerprint'] or 'unknown'}")
-    dtype = m["dtype"] or "as the base: " + ", ".join(m["output_dtypes"])
-    print(f"  dtype {dtype}; accumulated in {m['accumulation']}")
-    print(
-        f"merged {m['num_tensors']} tensors ({m['total_bytes'] / 1e6:.0f} MB) -> {args.out} "
-        f"in {seconds:.1f} s; proof: {Path(args.out) / 'merge_manifest.json'} "
-        f"(check: merit verify-merge {args.out})"
-    )
+    _say_what_was_done(m, args.out, time.perf_counter() - t0)
     return 0
 
 
+def _say_what_was_done(m: MergeManifest, out: str, seconds: float) -> None:
+    from merit.merge.card import describe_weights
+    from merit.merge.manifest import MANIFEST_FILE
+
+    scale = f" with s = {m.scale:g}" if m.scale is not None else ""
+    print(f"{m.method} merge of {len(m.checkpoints)} checkpoints: {m.formula}{scale}")
+    print(f"  weights {', '.join(f'{w:.6g}' for w in m.weights)}: {describe_weights(m)}")
+    if m.base_coefficient:
+        print(f"  coefficient of θ0: {m.base_coefficient:.6g}")
+    role = "θ0" if m.base_is_theta0 else "structure and files only: the first checkpoint"
+    print(f"  base {m.base} ({role}); θ0 fingerprint {m.base_fingerprint or 'unknown'}")
+    dtype = m.dtype or "as the base: " + ", ".join(m.output_dtypes)
+    print(f"  dtype {dtype}; accumulated in {m.accumulation}")
+    print(
+        f"merged {m.num_tensors} tensors ({m.total_bytes / 1e6:.0f} MB) -> {out} "
+        f"in {seconds:.1f} s; proof: {Path(out) / MANIFEST_FILE} "
+        f"(check: merit verify-merge {out})"
+    )
+
+
 def _verify_merge(args: argparse.Namespace) -> int:
-    from merit.merge.streaming import verify_merge
+    from merit.merge.verify import verify_merge
 
     report = verify_merge(args.dir, check_inputs=not args.outputs_only)
     for problem in report["problems"]:

@@ -2,7 +2,7 @@
 to trust it.
 
 Four splitters share one interface (``Splitter``: plan inputs, K, a seeded generator → a group
-id per dataset), each returning sample-balanced groups:
+id per dataset), each aiming at sample-balanced groups:
 
 - ``median``: the paper's — at depth j every current group is cut in two along conflict axis j at
   its sample-weighted median, so K = 2^r;
@@ -24,14 +24,17 @@ loss, not against joint training: under δ_k = −τ ḡ_k the merged model θ0 
 on the split at all, so the merged loss can only be told apart at the next order, with the
 group Hessians H_k (δ_k ≈ −τ ḡ_k + ½ τ² H_k ḡ_k); see ``merged_loss``.
 
-Stability: each dataset's calibration examples are cut into a few parts whose sketches are kept;
-resampling the parts (bootstrap) redraws the calibration sample, and re-planning each draw says
-how often each dataset lands in its group and how well two resampled plans agree (ARI).
+Balance: datasets are never divided, so no splitter can always keep every group within
+(1 ± ``balance_tolerance``) × total/K samples (the median split is not even asked to); ``compare``
+reports each plan's balance and warns when it misses the tolerance.
+
+Stability (``merit.plan.stability``): resampling each dataset's calibration parts redraws the
+calibration sample, and re-planning each draw says how often each dataset lands in its group and
+how well two resampled plans agree (ARI).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +46,17 @@ from merit.plan.conflict import (
     conflict_embedding,
     cosine_from_gram,
     debiased_gram,
-    offdiag_pearson,
+)
+
+# Stability has its own module; plans' callers import its names from here too.
+from merit.plan.stability import (  # noqa: F401
+    Stability,
+    adjusted_rand_index,
+    align_labels,
+    changed_groups,
+    resampled_cosine_agreement,
+    resampled_grams,
+    stability,
 )
 
 
@@ -226,6 +239,79 @@ def _max_dev(load: np.ndarray, target: float) -> float:
     return float(np.abs(load - target).max() / target)
 
 
+@dataclass
+class _Search:
+    """One partition's sufficient statistics for the local search of ``improve_gain``.
+
+    With a = tokens (scaled to mean 1) and G the Gram matrix, group k's objective term is
+    q_k / A_k, q_k = Σ_{i,j∈k} a_i a_j G_ij, A_k = Σ_{i∈k} a_i; B_ik = Σ_{j∈k} a_j G_ij gives
+    every move's and swap's change of q in O(1).
+    """
+
+    g: np.ndarray
+    a: np.ndarray
+    s: np.ndarray
+    grp: np.ndarray
+    k: int
+    target: float
+
+    def __post_init__(self):
+        oh = _onehot(self.grp, self.k)
+        self.big_b = self.g @ (oh * self.a[:, None])
+        self.big_a = oh.T @ self.a
+        self.load = oh.T @ self.s
+        self.count = oh.sum(axis=0)
+        self.q = ((oh * self.a[:, None]) * self.big_b).sum(axis=0)
+        self.base = self.q / self.big_a
+        self.gd = np.diag(self.g)
+        # Max deviation of the groups other than (x, y), for every pair.
+        dev = np.abs(self.load - self.target) / self.target
+        self.other = np.zeros((self.k, self.k))
+        for x in range(self.k):
+            for y in range(self.k):
+                rest = [dev[z] for z in range(self.k) if z not in (x, y)]
+                self.other[x, y] = max(rest) if rest else 0.0
+
+    def best_move(self, limit: float) -> tuple[float, tuple]:
+        """Best change of the objective by moving one dataset i to another group l."""
+        a, s, src, t = self.a, self.s, self.grp, self.target
+        ar = np.arange(len(a))
+        qk = self.q[src] - 2 * a * self.big_b[ar, src] + a**2 * self.gd
+        ak = self.big_a[src] - a
+        ql = self.q[None, :] + 2 * a[:, None] * self.big_b + (a**2 * self.gd)[:, None]
+        al = self.big_a[None, :] + a[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = (qk / ak)[:, None] - self.base[src][:, None] + ql / al - self.base[None, :]
+        dev_src = np.abs(self.load[src] - s - t) / t
+        dev_dst = np.abs(self.load[None, :] + s[:, None] - t) / t
+        newdev = np.maximum(np.maximum(dev_src[:, None], dev_dst), self.other[src][:, :])
+        feasible = (newdev <= limit) & (self.count[src] > 1)[:, None]
+        feasible[ar, src] = False
+        delta = np.where(feasible, delta, -np.inf)
+        i, dst = np.unravel_index(int(np.argmax(delta)), delta.shape)
+        return float(delta[i, dst]), ("move", int(i), int(dst))
+
+    def best_swap(self, x: int, y: int, limit: float) -> tuple[float, tuple] | None:
+        """Best change of the objective by swapping a dataset of group x with one of y."""
+        ix, jy = np.flatnonzero(self.grp == x), np.flatnonzero(self.grp == y)
+        if len(ix) == 0 or len(jy) == 0:
+            return None
+        a, b, gd, q = self.a, self.big_b, self.gd, self.q
+        ai, aj = a[ix][:, None], a[jy][None, :]
+        cross = 2 * ai * aj * self.g[np.ix_(ix, jy)]
+        own_i, own_j = (a[ix] ** 2 * gd[ix])[:, None], (a[jy] ** 2 * gd[jy])[None, :]
+        qx = q[x] - 2 * ai * b[ix, x][:, None] + own_i + 2 * aj * b[jy, x][None, :] + own_j
+        qy = q[y] - 2 * aj * b[jy, y][None, :] + own_j + 2 * ai * b[ix, y][:, None] + own_i
+        d = (qx - cross) / (self.big_a[x] - ai + aj) + (qy - cross) / (self.big_a[y] + ai - aj)
+        d = d - self.base[x] - self.base[y]
+        ds = self.s[jy][None, :] - self.s[ix][:, None]
+        t = self.target
+        nd = np.maximum(np.abs(self.load[x] + ds - t), np.abs(self.load[y] - ds - t)) / t
+        d = np.where(np.maximum(nd, self.other[x, y]) <= limit, d, -np.inf)
+        p, r = np.unravel_index(int(np.argmax(d)), d.shape)
+        return float(d[p, r]), ("swap", int(ix[p]), int(jy[r]))
+
+
 def improve_gain(
     gram: np.ndarray,
     tokens,
@@ -242,83 +328,17 @@ def improve_gain(
     a = np.asarray(tokens, dtype=np.float64)
     a = a / a.mean()  # scale-free; avoids overflow with large token counts
     s = np.asarray(samples, dtype=np.float64)
-    t = len(a)
     grp = np.asarray(groups, dtype=np.int64).copy()
     target = s.sum() / k
-    gd = np.diag(g)
-    ar = np.arange(t)
     for _ in range(max_iter):
-        oh = _onehot(grp, k)
-        big_b = g @ (oh * a[:, None])  # B_ik = Σ_{j∈k} a_j G_ij
-        big_a = oh.T @ a
-        load = oh.T @ s
-        count = oh.sum(axis=0)
-        q = ((oh * a[:, None]) * big_b).sum(axis=0)
-        base = q / big_a
-        limit = max(tolerance, _max_dev(load, target)) + 1e-12
-        # Max deviation of the groups other than (k, l), for every pair.
-        dev = np.abs(load - target) / target
-        other = np.zeros((k, k))
-        for x in range(k):
-            for y in range(k):
-                rest = [dev[z] for z in range(k) if z not in (x, y)]
-                other[x, y] = max(rest) if rest else 0.0
-        best, action = 1e-12 * max(abs(base.sum()), 1e-300), None
-        # Moves: i from its group to l.
-        src = grp
-        qk = q[src] - 2 * a * big_b[ar, src] + a**2 * gd
-        ak = big_a[src] - a
-        ql = q[None, :] + 2 * a[:, None] * big_b + (a**2 * gd)[:, None]
-        al = big_a[None, :] + a[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            delta = (qk / ak)[:, None] - base[src][:, None] + ql / al - base[None, :]
-        dev_src = np.abs(load[src] - s - target) / target
-        dev_dst = np.abs(load[None, :] + s[:, None] - target) / target
-        newdev = np.maximum(np.maximum(dev_src[:, None], dev_dst), other[src][:, :])
-        feasible = (newdev <= limit) & (count[src] > 1)[:, None]
-        feasible[ar, src] = False
-        delta = np.where(feasible, delta, -np.inf)
-        i, dst = np.unravel_index(int(np.argmax(delta)), delta.shape)
-        if delta[i, dst] > best:
-            best, action = float(delta[i, dst]), ("move", int(i), int(dst))
-        # Swaps: i in group x with j in group y.
-        for x in range(k):
-            ix = np.flatnonzero(grp == x)
-            for y in range(x + 1, k):
-                jy = np.flatnonzero(grp == y)
-                if len(ix) == 0 or len(jy) == 0:
-                    continue
-                ai, aj = a[ix][:, None], a[jy][None, :]
-                gij = g[np.ix_(ix, jy)]
-                cross = 2 * ai * aj * gij
-                qx = (
-                    q[x]
-                    - 2 * ai * big_b[ix, x][:, None]
-                    + (a[ix] ** 2 * gd[ix])[:, None]
-                    + 2 * aj * big_b[jy, x][None, :]
-                    + (a[jy] ** 2 * gd[jy])[None, :]
-                    - cross
-                )
-                qy = (
-                    q[y]
-                    - 2 * aj * big_b[jy, y][None, :]
-                    + (a[jy] ** 2 * gd[jy])[None, :]
-                    + 2 * ai * big_b[ix, y][:, None]
-                    + (a[ix] ** 2 * gd[ix])[:, None]
-                    - cross
-                )
-                axx = big_a[x] - ai + aj
-                ayy = big_a[y] + ai - aj
-                d = qx / axx + qy / ayy - base[x] - base[y]
-                ds = s[jy][None, :] - s[ix][:, None]
-                nd = (
-                    np.maximum(np.abs(load[x] + ds - target), np.abs(load[y] - ds - target))
-                    / target
-                )
-                d = np.where(np.maximum(nd, other[x, y]) <= limit, d, -np.inf)
-                p, r = np.unravel_index(int(np.argmax(d)), d.shape)
-                if d[p, r] > best:
-                    best, action = float(d[p, r]), ("swap", int(ix[p]), int(jy[r]))
+        st = _Search(g, a, s, grp, k, target)
+        limit = max(tolerance, _max_dev(st.load, target)) + 1e-12
+        best, action = 1e-12 * max(abs(st.base.sum()), 1e-300), None
+        found = [st.best_move(limit)]
+        found += [st.best_swap(x, y, limit) for x in range(k) for y in range(x + 1, k)]
+        for f in found:
+            if f is not None and f[0] > best:
+                best, action = f
         if action is None:
             break
         if action[0] == "move":
@@ -450,103 +470,6 @@ def splitters(tolerance: float = 0.1, restarts: int = 8) -> dict[str, Splitter]:
     }
 
 
-# -- stability ----------------------------------------------------------------------------------
-def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
-    """ARI of two labelings (1 = identical partitions, ≈0 = chance agreement)."""
-    a, b = np.asarray(a), np.asarray(b)
-    _, ia = np.unique(a, return_inverse=True)
-    _, ib = np.unique(b, return_inverse=True)
-    table = np.zeros((ia.max() + 1, ib.max() + 1))
-    np.add.at(table, (ia, ib), 1)
-
-    def pairs(x):
-        return float((x * (x - 1) / 2).sum())
-
-    n = len(a)
-    total = n * (n - 1) / 2
-    sum_ij = pairs(table)
-    sum_a, sum_b = pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
-    expected = sum_a * sum_b / total if total else 0.0
-    top = 0.5 * (sum_a + sum_b) - expected
-    return 1.0 if top == 0 else (sum_ij - expected) / top
-
-
-def align_labels(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
-    """Relabel ``other`` to agree with ``reference`` on as many datasets as possible (exact
-    assignment for K ≤ 7, greedy beyond)."""
-    ref, oth = np.asarray(reference), np.asarray(other)
-    kk = max(k, int(ref.max()) + 1, int(oth.max()) + 1)
-    overlap = np.zeros((kk, kk))
-    np.add.at(overlap, (oth, ref), 1)
-    if kk <= 7:
-        perms = np.array(list(itertools.permutations(range(kk))))
-        score = overlap[np.arange(kk)[None, :], perms].sum(axis=1)
-        mapping = perms[int(np.argmax(score))]
-    else:
-        mapping = np.full(kk, -1)
-        used: set[int] = set()
-        for flat in np.argsort(-overlap, axis=None, kind="stable"):
-            o, r = divmod(int(flat), kk)
-            if mapping[o] < 0 and r not in used:
-                mapping[o] = r
-                used.add(r)
-    return mapping[oth]
-
-
-@dataclass
-class Stability:
-    """How a plan moves when the calibration sample is redrawn (bootstrap over its parts)."""
-
-    per_dataset: np.ndarray  # fraction of draws in which each dataset lands in its plan group
-    ari_pairs: float  # mean ARI between two resampled plans
-    ari_plan: float  # mean ARI between a resampled plan and the plan
-    draws: int
-
-
-def resampled_grams(pg: PartGram, draws: int, seed: int) -> list[np.ndarray]:
-    """Datasets' Gram for ``draws`` (rescaled) bootstrap draws of every dataset's calibration
-    parts: each draw's spread around the plan's Gram is that of a new calibration sample."""
-    rng = np.random.default_rng(seed)
-    return [pg.dataset_gram(pg.bootstrap_counts(rng), rescale=True) for _ in range(draws)]
-
-
-def stability(plan: np.ndarray, resampled: Sequence[np.ndarray], k: int) -> Stability:
-    """Per-dataset assignment frequency and ARI agreement of resampled plans."""
-    plan = np.asarray(plan)
-    if not resampled:
-        return Stability(np.ones(len(plan)), float("nan"), float("nan"), 0)
-    aligned = np.array([align_labels(plan, r, k) for r in resampled])
-    per = (aligned == plan[None, :]).mean(axis=0)
-    vs_plan = float(np.mean([adjusted_rand_index(plan, r) for r in resampled]))
-    pairs = [
-        adjusted_rand_index(resampled[i], resampled[j])
-        for i in range(len(resampled))
-        for j in range(i + 1, len(resampled))
-    ]
-    return Stability(per, float(np.mean(pairs)) if pairs else float("nan"), vs_plan, len(resampled))
-
-
-def resampled_cosine_agreement(grams: Sequence[np.ndarray]) -> float:
-    """Mean off-diagonal Pearson between the cosine matrices of two resampled draws."""
-    cos = [cosine_from_gram(g) for g in grams]
-    vals = [offdiag_pearson(cos[i], cos[i + 1]) for i in range(0, len(cos) - 1, 2)]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def changed_groups(
-    old_names: Sequence[str], old_groups, new_names: Sequence[str], new_groups, k: int
-) -> list[str]:
-    """Datasets of an earlier plan whose group changed (group labels aligned first)."""
-    pos = {n: i for i, n in enumerate(new_names)}
-    common = [n for n in old_names if n in pos]
-    if not common:
-        return []
-    old = np.asarray([old_groups[list(old_names).index(n)] for n in common])
-    new = np.asarray([new_groups[pos[n]] for n in common])
-    aligned = align_labels(old, new, k)
-    return [n for n, a, b in zip(common, aligned, old) if a != b]
-
-
 def group_weights(
     groups: np.ndarray, tokens: Sequence[int], k: int
 ) -> tuple[list[int], list[float]]:
@@ -570,10 +493,42 @@ class Candidate:
     stability: Stability | None = None
     gain_hessian: float | None = None  # ½ τ² Σ_k w_k v_kᵀ H v_k, loss units
     merged_loss: float | None = None  # predicted held-out loss of θ̄
+    deviation: float = float("nan")  # max_k |samples_k − total/K| / (total/K)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def available(self) -> bool:
         return self.groups is not None
+
+
+def balance_of(groups: np.ndarray, samples, k: int) -> tuple[float, float]:
+    """(largest / smallest group, largest relative deviation from total/K), in samples."""
+    load = np.bincount(np.asarray(groups), weights=np.asarray(samples, float), minlength=k)
+    ratio = float(load.max() / load.min()) if load.min() > 0 else float("inf")
+    return ratio, _max_dev(load, load.sum() / k)
+
+
+def balance_warning(
+    splitter: str, groups: np.ndarray, samples, k: int, tolerance: float
+) -> str | None:
+    """A warning when some group's samples lie outside (1 ± tolerance) × total/K.
+
+    Datasets are indivisible, so a median cut cannot balance a mixture dominated by a few large
+    datasets; the branches then train for unequal numbers of steps and the merge weights
+    (tokens) no longer match what each branch saw per step.
+    """
+    load = np.bincount(np.asarray(groups), weights=np.asarray(samples, float), minlength=k)
+    target = load.sum() / k
+    dev = _max_dev(load, target)
+    if dev <= tolerance + 1e-12:
+        return None
+    return (
+        f"unbalanced {splitter} plan: group samples range from {load.min():.0f} to "
+        f"{load.max():.0f}, up to {dev:.0%} from the balanced {target:.0f} per group "
+        f"(planning.balance_tolerance={tolerance}); datasets are not divided, so a large "
+        "dataset can outweigh a whole group. What would fix it: planning.splitter=gain (it "
+        "keeps to the tolerance where any partition can), or split the largest datasets"
+    )
 
 
 def compare(
@@ -587,7 +542,8 @@ def compare(
 ) -> list[Candidate]:
     """Every splitter's plan for K groups, with predicted gain (H = I), balance and — when part
     sketches are given — bootstrap stability over ``draws`` resampled calibration draws (the same
-    draws for every splitter, each re-planned with the same seed)."""
+    draws for every splitter, each re-planned with the same seed). A plan whose groups miss the
+    balance ``tolerance`` carries a warning in its ``warnings`` (and says so in its ``note``)."""
     table = splitters(tolerance)
     grams = resampled_grams(parts, draws, seed) if parts is not None and draws > 0 else []
     noise = parts.noise() if parts is not None else None
@@ -600,19 +556,25 @@ def compare(
             continue
         groups = sp(x, k, np.random.default_rng(seed))
         gain, share = gain_identity(x.gram, groups, x.tokens, k)
-        load = np.bincount(groups, weights=x.samples, minlength=k)
+        ratio, deviation = balance_of(groups, x.samples, k)
         st = None
         if resampled:
             st = stability(groups, [sp(r, k, np.random.default_rng(seed)) for r in resampled], k)
+        warning = balance_warning(name, groups, x.samples, k, tolerance)
+        notes = ["ignores the data" if name == "random" else ""]
+        if warning:  # in short: the full text is the plan's warning when this plan is chosen
+            notes.append(f"unbalanced: a group {deviation:.0%} off total/K (> {tolerance:.0%})")
         out.append(
             Candidate(
                 name,
                 groups,
+                note="; ".join(n for n in notes if n),
                 gain=gain,
                 share=share,
-                balance=float(load.max() / load.min()) if load.min() > 0 else float("inf"),
+                balance=ratio,
                 stability=st,
-                note="ignores the data" if name == "random" else "",
+                deviation=deviation,
+                warnings=[warning] if warning else [],
             )
         )
     return out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 import numpy as np
 
-from merit.artifacts import read_json, sha256_file, write_json
+from merit.artifacts import Artifact, sha256_file
 from merit.calibrate.stage import calibrate
 from merit.data.stage import prepare_data
 from merit.plan.conflict import PartGram, cosine_from_gram
@@ -27,6 +29,7 @@ def _candidate_record(c, chosen: bool) -> dict:
         "gain": _finite(c.gain),
         "gain_share": _finite(c.share),
         "balance": _finite(c.balance),
+        "deviation": _finite(c.deviation),
         "gain_hessian": _finite(c.gain_hessian),
         "merged_loss": _finite(c.merged_loss),
         "stability": None
@@ -109,7 +112,65 @@ def _stability_warning(run: Run, st, k: int) -> str | None:
     )
 
 
-def make_plan(run: Run, add: bool = False) -> dict:
+@dataclass
+class PlanGroup:
+    id: int
+    datasets: list[str]
+    samples: int
+    tokens: int  # N_k: the branch's training tokens
+    weight: float  # w_k = N_k / Σ N_j (paper eq. 3)
+
+
+@dataclass
+class PlanDataset:
+    name: str
+    group: int
+    samples: int
+    tokens: int
+    z: list[float]  # conflict embedding (paper §3.2)
+    stability: float | None
+    grad_sq_norm: float
+    calibration_loss: float
+    sha256: str
+
+
+@dataclass
+class Plan(Artifact):
+    """``plan.json``: the K groups, how they were found, and what they were found from."""
+
+    settings: dict
+    base_fingerprint: str
+    sketches_sha256: str
+    method: str
+    objective: str
+    rank: int
+    K: int
+    sketch: dict
+    explained_variance: list[float]
+    scree: list[float]
+    datasets: list[PlanDataset]
+    groups: list[PlanGroup]
+    stability: dict | None
+    candidates: list[dict]
+    hessian: dict | None
+    warnings: list[str]
+    changes: dict | None
+    cosine: list[list[float]]
+    plots: list[str] = field(default_factory=list)
+    version: int = 3
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Plan:
+        plan = super().from_json(obj)
+        plan.datasets = [PlanDataset(**d) for d in obj["datasets"]]
+        plan.groups = [PlanGroup(**g) for g in obj["groups"]]
+        return plan
+
+
+def make_plan(run: Run, add: bool = False) -> Plan:
     """Cosine matrix → PCA conflict embedding → K sample-balanced groups → ``plan.json``.
 
     Every splitter (median, sign, random, gain) is run and compared — predicted merging gain,
@@ -119,9 +180,53 @@ def make_plan(run: Run, add: bool = False) -> dict:
     With ``add``, only datasets new to the calibration are calibrated, and the plan records which
     datasets changed group.
     """
+    data = prepare_data(run)
+    previous = _load_plan(run)
+    cal = calibrate(run, add=add)
+    ok = previous is not None and (previous.base_fingerprint, previous.sketches_sha256) == (
+        run.base_fingerprint,
+        cal.sketches_sha256,
+    )
+    if run.reuse("plan", previous and previous.settings, "plan.json", ok):
+        return previous
+    rows = {r["name"]: r for r in data["datasets"]}
+    samples = np.array([rows[n]["splits"]["train"] for n in cal.datasets], dtype=np.float64)
+    tokens = np.array([rows[n]["train_tokens"] for n in cal.datasets], dtype=np.int64)
+    with run.timed("plan"):
+        found = _split(run, cal, samples, tokens)
+    plan = _plan_record(run, cal, found, samples, tokens, rows)
+    if add and previous is not None:
+        plan.changes = _changes(previous, plan)
+    from merit.plan.figures import write_plan_plots
+
+    plots = write_plan_plots(plan.to_json(), run.paths.plan_plots)
+    plan.plots = [str(p.relative_to(run.paths.root)) for p in plots]
+    plan.save(run.paths.plan)
+    return plan
+
+
+def _load_plan(run: Run) -> Plan | None:
+    try:
+        return Plan.load_if(run.paths.plan)
+    except (KeyError, TypeError):  # a plan.json of an older merit: planned again
+        return None
+
+
+@dataclass
+class _Found:
+    emb: object
+    rank: int
+    candidates: list
+    chosen: int
+    predictions: dict | None
+    cosine: np.ndarray
+    cosine_agreement: float | None
+
+
+def _split(run: Run, cal, samples: np.ndarray, tokens: np.ndarray) -> _Found:
+    """Every splitter on the conflict embedding; the configured (or best) one is chosen."""
     from merit.plan.splitters import (
         PlanInputs,
-        changed_groups,
         choose,
         compare,
         power_of_two,
@@ -129,181 +234,179 @@ def make_plan(run: Run, add: bool = False) -> dict:
         resampled_grams,
     )
 
-    data = prepare_data(run)
     pc = run.cfg.planning
     k = pc.groups
-    if k > len(data["datasets"]):
-        what = f"planning.k={k}" if pc.k is not None else f"planning.rank={pc.rank}"
-        raise PlanError(
-            f"{what} asks for K={k} groups but there are only {len(data['datasets'])} datasets"
+    gram = cal.tensors["gram"].double().numpy()
+    parts = None
+    if run.cfg.calibration.microbatches > 1:
+        owner = np.concatenate([np.full(len(p), t) for t, p in enumerate(cal.part_tokens)])
+        parts = PartGram(
+            cal.tensors["part_gram"].double().numpy(),
+            owner,
+            np.concatenate([np.asarray(p, dtype=np.float64) for p in cal.part_tokens]),
         )
-    previous = read_json(run.paths.plan) if run.paths.plan.is_file() else None
-    cal = calibrate(run, add=add)
-    plan_inputs = {
-        "config_hash": run.cfg.experiment_hash(),
-        "base_fingerprint": run.base_fingerprint,
-        "sketches_sha256": cal["sketches_sha256"],
-    }
-    if previous is not None and all(previous.get(key) == v for key, v in plan_inputs.items()):
-        return previous
-    rows = {r["name"]: r for r in data["datasets"]}
-    names = cal["datasets"]
-    samples = np.array([rows[n]["splits"]["train"] for n in names], dtype=np.float64)
-    tokens = np.array([rows[n]["train_tokens"] for n in names], dtype=np.int64)
-    with run.timed("plan"):
-        gram = cal["sketches"]["gram"].double().numpy()
-        c = cosine_from_gram(gram)
-        parts = None
-        if run.cfg.calibration.microbatches > 1:
-            owner = np.concatenate([np.full(len(p), t) for t, p in enumerate(cal["part_tokens"])])
-            parts = PartGram(
-                cal["sketches"]["part_gram"].double().numpy(),
-                owner,
-                np.concatenate([np.asarray(p, dtype=np.float64) for p in cal["part_tokens"]]),
-            )
-        x = PlanInputs.from_gram(gram, samples, tokens, parts.noise() if parts else None)
-        rank = power_of_two(k) if power_of_two(k) is not None else pc.rank
-        emb = x.embedding(rank)
-        draws = pc.bootstrap if parts is not None else 0
-        run.say(f"planning K={k}: comparing splitters ({draws} resampled draws each)")
-        candidates = compare(x, k, parts, draws, pc.seed, pc.balance_tolerance)
-        predictions = (
-            _hessian_predictions(run, names, tokens, candidates, k) if pc.hessian else None
-        )
-        chosen_i = choose(candidates, pc.splitter, pc.objective)
-        chosen = candidates[chosen_i]
-        groups = chosen.groups
-        st = chosen.stability
-        cosine_agreement = (
-            resampled_cosine_agreement(resampled_grams(parts, min(draws, 10), pc.seed))
-            if draws >= 2
-            else None
-        )
+    x = PlanInputs.from_gram(gram, samples, tokens, parts.noise() if parts else None)
+    rank = power_of_two(k) if power_of_two(k) is not None else pc.rank
+    draws = pc.bootstrap if parts is not None else 0
+    run.say(f"planning K={k}: comparing splitters ({draws} resampled draws each)")
+    candidates = compare(x, k, parts, draws, pc.seed, pc.balance_tolerance)
+    predictions = (
+        _hessian_predictions(run, cal.datasets, tokens, candidates, k) if pc.hessian else None
+    )
+    agreement = (
+        resampled_cosine_agreement(resampled_grams(parts, min(draws, 10), pc.seed))
+        if draws >= 2
+        else None
+    )
+    return _Found(
+        x.embedding(rank),
+        rank,
+        candidates,
+        choose(candidates, pc.splitter, pc.objective),
+        predictions,
+        cosine_from_gram(gram),
+        agreement,
+    )
+
+
+def _plan_record(run: Run, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
+    pc = run.cfg.planning
+    k = pc.groups
+    chosen = f.candidates[f.chosen]
+    groups, st = chosen.groups, chosen.stability
     n_k, w_k = group_weights(groups, tokens, k)
+    names = cal.datasets
+    return Plan(
+        settings=run.cfg.settings("plan"),
+        base_fingerprint=run.base_fingerprint,
+        sketches_sha256=cal.sketches_sha256,
+        method=chosen.splitter,
+        objective=pc.objective,
+        rank=f.rank,
+        K=k,
+        sketch=cal.spec,
+        explained_variance=f.emb.explained_variance.tolist(),
+        scree=f.emb.scree.tolist(),
+        datasets=[
+            PlanDataset(
+                n,
+                int(groups[i]),
+                int(samples[i]),
+                int(tokens[i]),
+                f.emb.z[i].tolist(),
+                None if st is None else float(st.per_dataset[i]),
+                cal.sq_norms[i],
+                cal.losses[i],
+                rows[n]["sha256"],
+            )
+            for i, n in enumerate(names)
+        ],
+        groups=[
+            PlanGroup(
+                j,
+                [n for i, n in enumerate(names) if groups[i] == j],
+                int(samples[groups == j].sum()),
+                n_k[j],
+                w_k[j],
+            )
+            for j in range(k)
+        ],
+        stability=_stability_record(run, st, f.cosine_agreement),
+        candidates=[_candidate_record(c, i == f.chosen) for i, c in enumerate(f.candidates)],
+        hessian=f.predictions,
+        warnings=_warnings(run, chosen, k),
+        changes=None,
+        cosine=np.round(f.cosine, 6).tolist(),
+    )
+
+
+def _stability_record(run: Run, st, cosine_agreement: float | None) -> dict | None:
+    if st is None:
+        return None
+    return {
+        "method": f"bootstrap over calibration parts ({st.draws} draws)",
+        "ari_pairs": _finite(st.ari_pairs),
+        "ari_plan": _finite(st.ari_plan),
+        "cosine_pearson_resampled": _finite(cosine_agreement),
+        "threshold": run.cfg.planning.stability_threshold,
+    }
+
+
+def _warnings(run: Run, chosen, k: int) -> list[str]:
+    st = chosen.stability
     warnings = [w for w in [_stability_warning(run, st, k)] if w]
     if st is None:
         warnings.append(
             "stability not measured (needs calibration.microbatches ≥ 2 and planning.bootstrap > 0)"
         )
-    changes = None
-    if add and previous is not None:
-        old_names = [d["name"] for d in previous["datasets"]]
-        changes = {
-            "added": [n for n in names if n not in old_names],
-            "changed_group": changed_groups(
-                old_names, [d["group"] for d in previous["datasets"]], names, groups, k
-            ),
-            "previous_splitter": previous.get("method"),
-        }
-    plan = {
-        "version": 2,
-        **plan_inputs,
-        "method": chosen.splitter,
-        "objective": pc.objective,
-        "rank": rank,
-        "K": k,
-        "sketch": cal["spec"],
-        "explained_variance": emb.explained_variance.tolist(),
-        "scree": emb.scree.tolist(),
-        "datasets": [
-            {
-                "name": n,
-                "group": int(groups[i]),
-                "samples": int(samples[i]),
-                "tokens": int(tokens[i]),
-                "z": emb.z[i].tolist(),
-                "stability": None if st is None else float(st.per_dataset[i]),
-                "grad_sq_norm": cal["sq_norms"][i],
-                "calibration_loss": cal["losses"][i],
-                "sha256": rows[n]["sha256"],
-            }
-            for i, n in enumerate(names)
-        ],
-        "groups": [
-            {
-                "id": j,
-                "datasets": [n for i, n in enumerate(names) if groups[i] == j],
-                "samples": int(samples[groups == j].sum()),
-                "tokens": n_k[j],
-                "weight": w_k[j],
-            }
-            for j in range(k)
-        ],
-        "stability": None
-        if st is None
-        else {
-            "method": f"bootstrap over calibration parts ({st.draws} draws)",
-            "ari_pairs": _finite(st.ari_pairs),
-            "ari_plan": _finite(st.ari_plan),
-            "cosine_pearson_resampled": _finite(cosine_agreement),
-            "threshold": pc.stability_threshold,
-        },
-        "candidates": [_candidate_record(cd, i == chosen_i) for i, cd in enumerate(candidates)],
-        "hessian": predictions,
-        "warnings": warnings,
-        "changes": changes,
-        "cosine": np.round(c, 6).tolist(),
-    }
-    from merit.plan.figures import write_plan_plots
+    warnings += list(getattr(chosen, "warnings", []) or [])
+    return warnings
 
-    plan["plots"] = [
-        str(p.relative_to(run.paths.root))
-        for p in write_plan_plots(plan, run.paths.root / "plan_plots")
-    ]
-    write_json(run.paths.plan, plan)
-    return plan
+
+def _changes(previous: Plan, plan: Plan) -> dict:
+    """``--add``: which datasets are new, and which of the old ones changed group."""
+    from merit.plan.splitters import changed_groups
+
+    old_names = [d.name for d in previous.datasets]
+    names = [d.name for d in plan.datasets]
+    groups = np.array([d.group for d in plan.datasets])
+    return {
+        "added": [n for n in names if n not in old_names],
+        "changed_group": changed_groups(
+            old_names, [d.group for d in previous.datasets], names, groups, plan.K
+        ),
+        "previous_splitter": previous.method,
+    }
 
 
 def plan_hash(run: Run) -> str:
     return sha256_file(run.paths.plan)
 
 
-def plan_summary(plan: dict) -> str:
-    ev = ", ".join(f"{x:.1%}" for x in plan["explained_variance"])
+def plan_summary(plan: Plan) -> str:
+    ev = ", ".join(f"{x:.1%}" for x in plan.explained_variance)
     lines = [
-        f"plan: K={plan['K']} groups ({plan.get('method', 'median')} splitter) from "
-        f"r={plan['rank']} conflict axes (explained variance {ev})"
+        f"plan: K={plan.K} groups ({plan.method} splitter) from "
+        f"r={plan.rank} conflict axes (explained variance {ev})"
     ]
-    for g in plan["groups"]:
-        shown = ", ".join(g["datasets"][:4]) + (" …" if len(g["datasets"]) > 4 else "")
+    for g in plan.groups:
+        shown = ", ".join(g.datasets[:4]) + (" …" if len(g.datasets) > 4 else "")
         lines.append(
-            f"  group {g['id']}: {len(g['datasets']):>3} datasets, {g['samples']:>6} samples, "
-            f"{g['tokens']:>8} tokens, w={g['weight']:.3f}  [{shown}]"
+            f"  group {g.id}: {len(g.datasets):>3} datasets, {g.samples:>6} samples, "
+            f"{g.tokens:>8} tokens, w={g.weight:.3f}  [{shown}]"
         )
-    st = plan.get("stability")
-    if st:
-        rows = [d for d in plan["datasets"] if d.get("stability") is not None]
-        low = sorted(rows, key=lambda d: d["stability"])[:3]
+    if st := plan.stability:
+        rows = [d for d in plan.datasets if d.stability is not None]
+        low = sorted(rows, key=lambda d: d.stability)[:3]
         lines.append(
             f"stability ({st['method']}): resampled plans agree at ARI {st['ari_pairs']:.2f}; "
-            "least stable: " + ", ".join(f"{d['name']} {d['stability']:.0%}" for d in low)
+            "least stable: " + ", ".join(f"{d.name} {d.stability:.0%}" for d in low)
         )
-    ch = plan.get("changes")
-    if ch:
+    if ch := plan.changes:
         lines.append(
             f"added: {', '.join(ch['added']) or 'none'}; changed group: "
             f"{', '.join(ch['changed_group']) or 'none'}"
         )
-    lines += [f"warning: {w}" for w in plan.get("warnings", [])]
+    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 
-def plan_comparison(plan: dict) -> str:
+def plan_comparison(plan: Plan) -> str:
     """Every splitter's plan side by side: predicted gain, merged loss, balance, stability."""
-    hs = plan.get("hessian") or {}
+    hs = plan.hessian or {}
     tau = hs.get("horizon")
     head = (
         f"{'splitter':<8} {'gain/τ² (H=I)':>14} {'share':>6} "
         f"{'gain (H)':>10} {'merged loss':>11} {'balance':>8} {'ARI':>5} {'min stab':>8}"
     )
-    lines = [f"candidates for K={plan['K']} (objective: {plan.get('objective', 'gain')})", head]
+    lines = [f"candidates for K={plan.K} (objective: {plan.objective})", head]
     lines.append("-" * len(head))
 
     def num(v, fmt):
         width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
         return "—".rjust(width) if v is None else format(v, fmt)
 
-    for c in plan.get("candidates", []):
+    for c in plan.candidates:
         mark = " <- chosen" if c["chosen"] else ""
         if c["groups"] is None:
             lines.append(f"{c['splitter']:<8} n/a: {c['note']}")

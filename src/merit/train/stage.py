@@ -1,22 +1,76 @@
-"""Stage 3 (paper §3.3): every branch from θ0, independently, plus the baselines."""
+"""Stage 3 (paper §3.3): every branch from θ0, independently, plus the baselines.
+
+Each job (a branch or the joint baseline) is idempotent: it skips when its manifest says it is
+done for this plan, θ0 and training settings, resumes from its newest checkpoint after a
+preemption, and writes its manifest last. Launchers only run the same command per job.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from merit.artifacts import read_json, sha256_file, write_json
-from merit.plan.stage import make_plan, plan_hash
-from merit.run import Run, StageError
+from merit.artifacts import Artifact, read_json, sha256_file
+from merit.plan.stage import Plan, make_plan, plan_hash
+from merit.run import Run, RunPaths, StageError
 
 
-def _pinned_plan(run: Run, plan_sha256: str) -> dict:
+@dataclass
+class BranchManifest(Artifact):
+    """``manifest.json`` of a finished branch or baseline: written last, atomically."""
+
+    label: str
+    group: int | None
+    plan_sha256: str
+    base_fingerprint: str
+    training: str  # settings hash of the training stage
+    datasets: list[str]
+    examples: int
+    tokens: int
+    tokens_seen: int
+    tokens_scheduled: int
+    epochs: float
+    answer_tokens: int
+    steps: int
+    lora: bool
+    resumed_from_step: int | None
+    final_loss: float | None
+    loss_summary: dict
+    losses: list
+    seconds: float
+    weights: dict[str, str]  # path relative to the job directory -> sha256
+
+    def matches(self, p_hash: str, base_fp: str, training: str) -> bool:
+        return (self.plan_sha256, self.base_fingerprint, self.training) == (
+            p_hash,
+            base_fp,
+            training,
+        )
+
+
+@dataclass
+class Job:
+    """One training job: a branch (``group`` = k) or a baseline (``group`` = None)."""
+
+    kind: str  # "branch" or "baseline"
+    ident: int | str
+    out: Path
+    datasets: list[str]
+    label: str
+    tokens: int  # planned N_k
+    group: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+def _pinned_plan(run: Run, plan_sha256: str) -> Plan:
     """The existing plan, if it is the one the launcher saw; a branch command never re-plans."""
     if not run.paths.plan.is_file():
         raise StageError(f"no plan at {run.paths.plan}: run `merit plan` before the branches")
@@ -26,49 +80,50 @@ def _pinned_plan(run: Run, plan_sha256: str) -> dict:
             f"{run.paths.plan} has sha256 {got[:12]}…, the launcher expected {plan_sha256[:12]}… "
             "(re-planned since the branches were launched?)"
         )
-    plan = read_json(run.paths.plan)
-    if plan.get("config_hash") != run.cfg.experiment_hash():
-        raise StageError(f"{run.paths.plan} was made from another config")
+    plan = Plan.load(run.paths.plan)
+    if plan.settings != run.cfg.settings("plan"):
+        raise StageError(f"{run.paths.plan} was made from other settings")
     return plan
 
 
-def _verify_job_inputs(run: Run, plan: dict, names: list[str], label: str) -> None:
+def _verify_job_inputs(run: Run, plan: Plan, names: list[str], label: str) -> None:
     """θ0's fingerprint and every dataset's sha256 must be the plan's; else one error."""
     problems = []
-    if plan.get("base_fingerprint") != run.base_fingerprint:
+    if plan.base_fingerprint != run.base_fingerprint:
         problems.append(
             f"θ0 {run.base_dir} has fingerprint {run.base_fingerprint[:12]}…, the plan was made "
-            f"from {str(plan.get('base_fingerprint'))[:12]}…"
+            f"from {plan.base_fingerprint[:12]}…"
         )
-    rows = {d["name"]: d for d in plan["datasets"]}
+    rows = {d.name: d for d in plan.datasets}
     have = {d.name: d for d in run.mixture.datasets}
     for n in names:
         if n not in rows or n not in have:
             problems.append(f"dataset {n} is not in both the plan and the mixture")
-        elif rows[n].get("sha256") != have[n].file_hash:
+        elif rows[n].sha256 != have[n].file_hash:
             problems.append(f"dataset {n} ({have[n].data.path}) changed since planning")
     if problems:
         raise StageError(f"{label}: " + "; ".join(problems))
 
 
-def _finished(out: Path, p_hash: str, base_fp: str) -> dict | None:
-    """The branch's manifest if it is complete for this plan and θ0 (files present)."""
-    mp = out / "manifest.json"
+def finished(run: Run, out: Path, p_hash: str) -> BranchManifest | None:
+    """The job's manifest if it is complete for this plan, θ0 and training settings."""
+    mp = RunPaths.manifest(out)
     if not mp.is_file():
         return None
-    m = read_json(mp)
-    if m.get("plan_sha256") != p_hash or m.get("base_fingerprint") != base_fp:
+    m = BranchManifest.load(mp)
+    if not m.matches(p_hash, run.base_fingerprint, run.cfg.settings_hash("train")):
         return None
-    if not all((out / rel).is_file() for rel in m.get("weights", {})):
+    if not all((out / rel).is_file() for rel in m.weights):
         return None
     return m
 
 
 def _branch_lock(out: Path, label: str, say):
-    """An exclusive lock on the branch directory: a re-run (say a Ray retry on another node while
+    """An exclusive lock on the job directory: a re-run (say a Ray retry on another node while
     the preempted process still writes its checkpoint) waits instead of training alongside."""
     import contextlib
-    import fcntl
+
+    from filelock import FileLock, Timeout
 
     @contextlib.contextmanager
     def lock():
@@ -76,16 +131,16 @@ def _branch_lock(out: Path, label: str, say):
         if not _main_process():  # under accelerate, the first process holds it for all
             yield
             return
-        with open(out / ".lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                say(f"{label}: another process is training it; waiting for it to stop")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        held = FileLock(out / ".lock")
+        try:
+            held.acquire(timeout=0)
+        except Timeout:
+            say(f"{label}: another process is training it; waiting for it to stop")
+            held.acquire()
+        try:
+            yield
+        finally:
+            held.release()
 
     return lock()
 
@@ -95,150 +150,148 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _train_one(
-    run: Run,
-    plan: dict,
-    out: Path,
-    names: list[str],
-    label: str,
-    expect_tokens: int,
-    group: int | None = None,
-) -> dict:
-    """Train one branch (or baseline) idempotently: skip if done, else resume, then a manifest.
+def _save_dtype(run: Run, model) -> torch.dtype:
+    """θ0's stored dtype: every branch is saved with θ0's tensor layout."""
+    config = read_json(run.base_dir / "config.json")
+    saved = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(saved, str) and isinstance(getattr(torch, saved, None), torch.dtype):
+        return getattr(torch, saved)
+    return next(model.parameters()).dtype
+
+
+def _train_one(run: Run, plan: Plan, job: Job) -> BranchManifest:
+    """Train one job idempotently: skip if done, else resume, then write its manifest.
 
     Raises :class:`merit.train.sft.Preempted` after checkpointing on SIGTERM / SIGUSR1.
     """
-    import shutil
-
-    from merit.train.sft import train_sft
-
     p_hash = plan_hash(run)
-    _verify_job_inputs(run, plan, names, label)
-    manifest_path = out / "manifest.json"
-    if m := _finished(out, p_hash, run.base_fingerprint):
-        run.say(f"{label}: already trained, skipping")
+    _verify_job_inputs(run, plan, job.datasets, job.label)
+    if m := finished(run, job.out, p_hash):
+        run.say(f"{job.label}: already trained, skipping")
         return m
-    with _branch_lock(out, label, run.say):
-        if m := _finished(out, p_hash, run.base_fingerprint):  # finished while we waited
-            run.say(f"{label}: already trained, skipping")
+    with _branch_lock(job.out, job.label, run.say):
+        if m := finished(run, job.out, p_hash):  # finished while we waited
+            run.say(f"{job.label}: already trained, skipping")
             return m
-        if manifest_path.is_file() and _main_process():  # another plan or θ0: start over
+        manifest_path = RunPaths.manifest(job.out)
+        if manifest_path.is_file() and _main_process():  # another plan, θ0 or schedule
             manifest_path.unlink()
             for sub in ("model", "adapter"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        train = run.encoded("train")
-        records = [e for n in names for e in train[n]]
-        tokens = sum(len(e.input_ids) for e in records)
-        if tokens != expect_tokens:
-            raise StageError(f"{label}: {tokens} tokens to train but the plan says {expect_tokens}")
-        run.say(
-            f"training {label}: {len(names)} datasets, {len(records)} examples, {tokens} tokens"
-        )
-        # A checkpoint is resumed only by the same job: plan (hence config and datasets), θ0, data.
-        run_key = hashlib.sha256(
-            json.dumps([p_hash, run.base_fingerprint, label, names]).encode()
-        ).hexdigest()
-        model = run.load_base()
-        base_dtype = next(model.parameters()).dtype
-        saved = read_json(run.base_dir / "config.json").get("dtype") or read_json(
-            run.base_dir / "config.json"
-        ).get("torch_dtype")
-        save_dtype = (
-            getattr(torch, saved)
-            if isinstance(saved, str) and hasattr(torch, saved)
-            else base_dtype
-        )
+                shutil.rmtree(job.out / sub, ignore_errors=True)
         t0 = time.perf_counter()
-        rt = run.cfg.runtime
-        res = train_sft(
-            model,
-            run.tokenizer,
-            records,
-            run.cfg.training,
-            out,
-            run.cfg.model.max_length,
-            run.progress,
-            save_dtype=save_dtype,
-            checkpoint_steps=rt.checkpoint_steps,
-            keep_checkpoints=rt.keep_checkpoints,
-            run_key=run_key,
-            label=label,
-            log=run.say,
-        )
-        # Token accounting (issue 4): merit's own count of what the branch was fed, across
-        # resumes, must be what the fixed schedule holds (epochs × N_k for whole epochs).
-        if res.tokens_seen != res.tokens_scheduled:
-            raise StageError(
-                f"{label}: trained on {res.tokens_seen} tokens but its schedule holds "
-                f"{res.tokens_scheduled}"
-            )
-        weights = {
-            str(f.relative_to(out)): sha256_file(f)
-            for sub in ("model", "adapter")
-            for f in sorted((out / sub).glob("*"))
-            if f.is_file() and f.suffix in (".safetensors", ".json")
-        }
-        losses = [v for _s, v in res.losses]
-        manifest = {
-            "label": label,
-            "group": group,
-            "plan_sha256": p_hash,
-            "base_fingerprint": run.base_fingerprint,
-            "datasets": names,
-            "examples": res.examples,
-            "tokens": res.tokens,
-            "tokens_seen": res.tokens_seen,
-            "tokens_scheduled": res.tokens_scheduled,
-            "epochs": run.cfg.training.epochs,
-            "answer_tokens": res.answer_tokens,
-            "steps": res.steps,
-            "lora": run.cfg.training.lora is not None,
-            "resumed_from_step": res.resumed_from,
-            "final_loss": res.final_loss,
-            "loss_summary": {
-                "first": losses[0] if losses else None,
-                "last": losses[-1] if losses else None,
-                "min": min(losses) if losses else None,
-                "logged": len(losses),
-            },
-            "losses": res.losses,
-            "seconds": time.perf_counter() - t0,
-            "weights": weights,
-        }
+        res = _fit(run, job, p_hash)
+        manifest = _manifest(run, job, p_hash, res, time.perf_counter() - t0)
         if _main_process():
-            # Written last and atomically: a manifest means the branch is complete.
-            write_json(manifest_path, manifest)
-            shutil.rmtree(out / "trainer", ignore_errors=True)  # checkpoints no longer needed
+            manifest.save(manifest_path)  # last: a manifest means the job is complete
+            shutil.rmtree(job.out / "trainer", ignore_errors=True)  # checkpoints: not needed
     return manifest
 
 
-def _jobs(run: Run, plan: dict, branch: int | None, baseline: str | None) -> list[tuple]:
-    """(kind, id, out dir, datasets, label, planned tokens, group) of the requested jobs."""
-    jobs = []
+def _fit(run: Run, job: Job, p_hash: str):
+    """Run TRL on the job's examples; check merit's own token count against the schedule."""
+    from merit.train.sft import train_sft
+
+    train = run.encoded("train")
+    records = [e for n in job.datasets for e in train[n]]
+    tokens = sum(len(e.input_ids) for e in records)
+    if tokens != job.tokens:
+        raise StageError(f"{job.label}: {tokens} tokens to train but the plan says {job.tokens}")
+    run.say(
+        f"training {job.label}: {len(job.datasets)} datasets, {len(records)} examples, "
+        f"{tokens} tokens"
+    )
+    # A checkpoint is resumed only by the same job: plan, θ0, training settings, datasets.
+    key = [p_hash, run.base_fingerprint, run.cfg.settings_hash("train"), job.label, job.datasets]
+    model = run.load_base()
+    rt = run.cfg.runtime
+    res = train_sft(
+        model,
+        run.tokenizer,
+        records,
+        run.cfg.training,
+        job.out,
+        run.cfg.model.max_length,
+        run.progress,
+        save_dtype=_save_dtype(run, model),
+        checkpoint_steps=rt.checkpoint_steps,
+        keep_checkpoints=rt.keep_checkpoints,
+        run_key=hashlib.sha256(json.dumps(key).encode()).hexdigest(),
+        label=job.label,
+        log=run.say,
+    )
+    # merit's own count of what the job was fed, across resumes, must be what the fixed schedule
+    # holds (epochs × N_k for whole epochs): the merge weights assume it (paper eq. 3).
+    if res.tokens_seen != res.tokens_scheduled:
+        raise StageError(
+            f"{job.label}: trained on {res.tokens_seen} tokens but its schedule holds "
+            f"{res.tokens_scheduled}"
+        )
+    return res
+
+
+def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float) -> BranchManifest:
+    weights = {
+        str(f.relative_to(job.out)): sha256_file(f)
+        for sub in ("model", "adapter")
+        for f in sorted((job.out / sub).glob("*"))
+        if f.is_file() and f.suffix in (".safetensors", ".json")
+    }
+    losses = [v for _s, v in res.losses]
+    return BranchManifest(
+        label=job.label,
+        group=job.group,
+        plan_sha256=p_hash,
+        base_fingerprint=run.base_fingerprint,
+        training=run.cfg.settings_hash("train"),
+        datasets=job.datasets,
+        examples=res.examples,
+        tokens=res.tokens,
+        tokens_seen=res.tokens_seen,
+        tokens_scheduled=res.tokens_scheduled,
+        epochs=run.cfg.training.epochs,
+        answer_tokens=res.answer_tokens,
+        steps=res.steps,
+        lora=run.cfg.training.lora is not None,
+        resumed_from_step=res.resumed_from,
+        final_loss=res.final_loss,
+        loss_summary={
+            "first": losses[0] if losses else None,
+            "last": losses[-1] if losses else None,
+            "min": min(losses) if losses else None,
+            "logged": len(losses),
+        },
+        losses=res.losses,
+        seconds=seconds,
+        weights=weights,
+    )
+
+
+def jobs(run: Run, plan: Plan, branch: int | None = None, baseline: str | None = None) -> list[Job]:
+    """The requested jobs: every branch and baseline, or one of them."""
+    out = []
     if baseline is None:
-        ks = range(plan["K"]) if branch is None else [branch]
-        for k in ks:
-            if not 0 <= k < plan["K"]:
-                raise StageError(f"branch {k} does not exist: the plan has K={plan['K']} branches")
-            g = plan["groups"][k]
-            jobs.append(
-                ("branch", k, run.paths.branch(k), g["datasets"], f"branch {k}", g["tokens"], k)
+        for k in range(plan.K) if branch is None else [branch]:
+            if not 0 <= k < plan.K:
+                raise StageError(f"branch {k} does not exist: the plan has K={plan.K} branches")
+            g = plan.groups[k]
+            out.append(
+                Job("branch", k, run.paths.branch(k), g.datasets, f"branch {k}", g.tokens, k)
             )
     if baseline is not None or branch is None:
         for name in [baseline] if baseline else run.cfg.training.baselines:
             if name != "joint":
                 raise StageError(f"unknown baseline {name!r}")
             # Joint training: one branch on every dataset, the same total tokens (paper §4).
-            everything = [d["name"] for d in plan["datasets"]]
-            total = sum(g["tokens"] for g in plan["groups"])
-            jobs.append(("baseline", name, run.paths.baseline(name), everything, name, total, None))
-    return jobs
+            everything = [d.name for d in plan.datasets]
+            total = sum(g.tokens for g in plan.groups)
+            out.append(Job("baseline", name, run.paths.baseline(name), everything, name, total))
+    return out
 
 
 def _job_command(run: Run, kind: str, ident, p_hash: str, merit: list[str]) -> list[str]:
     """The idempotent command that trains one job (what every launcher runs)."""
     root = run.paths.root.resolve()
-    launch_cfg = root / "branches" / "launch.yaml"
+    launch_cfg = root / run.paths.launch_config.relative_to(run.paths.root)
     return [
         *merit,
         "train",
@@ -253,28 +306,29 @@ def _job_command(run: Run, kind: str, ident, p_hash: str, merit: list[str]) -> l
 
 def _write_launch_config(run: Run) -> None:
     """The resolved config the branch commands read (atomically: branches may be reading it)."""
-    import yaml
+    from merit.config import save_config
 
-    path = run.paths.root / "branches" / "launch.yaml"
+    path = run.paths.launch_config
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".launch.yaml.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False))
+    save_config(run.cfg, tmp)
     os.replace(tmp, path)
 
 
 def branch_commands(run: Run, kind: str) -> str:
     """The branch (and baseline) commands for another scheduler: shell, slurm or skypilot."""
-    from merit.train.launchers import Job, print_commands
+    from merit.train.launchers import Job as LaunchJob
+    from merit.train.launchers import print_commands
 
     plan = make_plan(run)
     p_hash = plan_hash(run)
     _write_launch_config(run)
-    jobs = [
-        Job(label, _job_command(run, kind_, ident, p_hash, ["merit"]), out)
-        for kind_, ident, out, _n, label, _t, _g in _jobs(run, plan, None, None)
+    launch = [
+        LaunchJob(j.label, _job_command(run, j.kind, j.ident, p_hash, ["merit"]), j.out)
+        for j in jobs(run, plan)
     ]
     template = _job_command(run, "branch", "{BRANCH}", p_hash, ["merit"])
-    return print_commands(kind, jobs, template, plan["K"], run.cfg.runtime.branch_gpus)
+    return print_commands(kind, launch, template, plan.K, run.cfg.runtime.branch_gpus)
 
 
 def train(
@@ -282,7 +336,7 @@ def train(
     branch: int | None = None,
     baseline: str | None = None,
     plan_sha256: str | None = None,
-) -> list[dict]:
+) -> list[BranchManifest]:
     """Train plan branches (all, or only ``branch``) and/or a baseline, each from θ0.
 
     One job (``branch`` or ``baseline``) runs here. All of them run through
@@ -291,29 +345,32 @@ def train(
     existing plan must have that hash; it is never recomputed.
     """
     plan = _pinned_plan(run, plan_sha256) if plan_sha256 else make_plan(run)
-    jobs = _jobs(run, plan, branch, baseline)
-    rt = run.cfg.runtime
-    if branch is not None or baseline is not None or rt.launcher == "inline":
+    todo = jobs(run, plan, branch, baseline)
+    if branch is not None or baseline is not None or run.cfg.runtime.launcher == "inline":
         out = []
-        for kind, _ident, d, names, label, tokens, group in jobs:
-            with run.timed("train branches" if kind == "branch" else f"train {label}"):
-                out.append(_train_one(run, plan, d, names, label, tokens, group))
+        for job in todo:
+            with run.timed("train branches" if job.kind == "branch" else f"train {job.label}"):
+                out.append(_train_one(run, plan, job))
         return out
+    return _launch(run, plan, todo)
+
+
+def _launch(run: Run, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
+    """Every job as its own ``merit train`` process, through the local or Ray launcher."""
     from merit.train import launchers as orch
 
+    rt = run.cfg.runtime
     p_hash = plan_hash(run)
     _write_launch_config(run)
-    base_fp = run.base_fingerprint
     merit = [sys.executable, "-m", "merit.cli"]
     threads = rt.threads or max(1, (os.cpu_count() or 1) // max(1, rt.parallel))
     launch = []
-    for kind, ident, d, names, label, _tokens, _group in jobs:
-        _verify_job_inputs(run, plan, names, label)
-        argv = _job_command(run, kind, ident, p_hash, merit)
+    for job in todo:
+        _verify_job_inputs(run, plan, job.datasets, job.label)
+        argv = _job_command(run, job.kind, job.ident, p_hash, merit)
         argv += [f"runtime.threads={threads}", "runtime.progress=false", "runtime.launcher=inline"]
-        launch.append(
-            orch.Job(label, argv, d, done=lambda d=d: _finished(d, p_hash, base_fp) is not None)
-        )
+        done = lambda d=job.out: finished(run, d, p_hash) is not None  # noqa: E731
+        launch.append(orch.Job(job.label, argv, job.out, done=done))
     with run.timed(f"train ({rt.launcher} launcher)"):
         if rt.launcher == "local":
             orch.run_local(launch, rt.parallel, threads, rt.retries, say=run.say)
@@ -328,12 +385,10 @@ def train(
                 rt.retries,
                 say=run.say,
             )
-    out = []
-    for _kind, _ident, d, _names, label, _tokens, _group in jobs:
-        m = _finished(d, p_hash, base_fp)
-        if m is None:
-            raise StageError(f"{label}: the launcher finished but the branch has no manifest")
-        out.append(m)
+    out = [finished(run, job.out, p_hash) for job in todo]
+    missing = [job.label for job, m in zip(todo, out) if m is None]
+    if missing:
+        raise StageError(f"{', '.join(missing)}: the launcher finished but left no manifest")
     return out
 
 
@@ -349,7 +404,5 @@ def train_command(
         print(f"merit: error: {err}", file=sys.stderr)
         return 1
     for m in done:
-        print(
-            f"{m['label']}: {m['steps']} steps, {m['tokens']} tokens, final loss {m['final_loss']}"
-        )
+        print(f"{m.label}: {m.steps} steps, {m.tokens} tokens, final loss {m.final_loss}")
     return 0

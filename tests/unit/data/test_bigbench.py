@@ -8,6 +8,7 @@ import io
 import json
 import random
 import tarfile
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import pytest
 from merit.data import bigbench
 from merit.data.bigbench import fetch_bigbench, select_bigbench_tasks
 from merit.data.formats import (
-    DataError,
     load_dataset,
 )
+from merit.fetch import FetchError
 
 # --------------------------------------------------------------------------- selection / fetch
 
@@ -137,6 +138,7 @@ def test_download_sdist_verifies_sha256(tmp_path: Path, monkeypatch: pytest.Monk
                 meta = {
                     "urls": [
                         {
+                            "filename": "bigbench-1.0.0.tar.gz",
                             "packagetype": "sdist",
                             "url": url,
                             "size": len(payload),
@@ -150,13 +152,12 @@ def test_download_sdist_verifies_sha256(tmp_path: Path, monkeypatch: pytest.Monk
 
         return urlopen
 
-    monkeypatch.setattr(
-        bigbench.urllib.request, "urlopen", serve(hashlib.sha256(payload).hexdigest())
-    )
+    monkeypatch.setattr(urllib.request, "urlopen", serve(hashlib.sha256(payload).hexdigest()))
     got = bigbench._download_sdist(tmp_path)
     assert got == tmp_path / "bigbench-1.0.0.tar.gz" and got.read_bytes() == payload
     got.unlink()
-    monkeypatch.setattr(bigbench.urllib.request, "urlopen", serve("0" * 64))
-    with pytest.raises(DataError, match="sha256 mismatch"):
+    got.with_name(got.name + ".sha256").unlink()  # merit.fetch's record of the verified digest
+    monkeypatch.setattr(urllib.request, "urlopen", serve("0" * 64))
+    with pytest.raises(FetchError, match="sha256"):
         bigbench._download_sdist(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the bad download is not left behind

@@ -1,9 +1,7 @@
 """Evaluation: answer-only scoring, BIG-bench normalisation, length-normalised multiple choice,
-and the (paired) bootstrap."""
+and the paired bootstrap of two evaluated models."""
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import pytest
@@ -13,14 +11,12 @@ from merit.config import DataConfig
 from merit.data.mixture import encode, encode_choices, load_mixture
 from merit.evaluate.scoring import (
     answer_logprobs,
-    bootstrap_ci,
     evaluate_model,
     exact_match,
-    paired_bootstrap,
     postprocess,
     sequence_logprobs,
-    summarize,
 )
+from merit.evaluate.statistics import paired_bootstrap
 from merit.lm import load_model, load_tokenizer, pad_batch
 
 
@@ -125,28 +121,3 @@ def test_paired_bootstrap_of_identical_models_has_zero_width(tiny_base, tok, mix
     r = paired_bootstrap(a, c, "nll", samples=500)
     assert r["ci"][0] < r["ci"][1] and r["ci"][0] <= r["difference"] <= r["ci"][1]
     assert r["wins"] + r["ties"] + r["losses"] == 5
-
-
-def test_bootstrap_interval_brackets_the_average_and_is_reproducible():
-    rng = np.random.default_rng(0)
-    per = {}
-    for d in range(6):
-        hits = (rng.random(40) < 0.3 + 0.1 * d).astype(int).tolist()
-        per[f"ds{d}"] = {
-            "nll": 1.0,
-            "accuracy": float(np.mean(hits)),
-            "example_correct": hits,
-            "example_nll": [1.0] * 40,
-            "example_tokens": [1] * 40,
-        }
-    avg = summarize(per)["accuracy"]
-    lo, hi = bootstrap_ci(per, "accuracy", samples=2000)
-    assert lo < avg < hi and hi - lo < 0.2
-    assert bootstrap_ci(per, "accuracy", samples=2000) == (lo, hi)
-    # A constant metric has no uncertainty.
-    assert bootstrap_ci(per, "nll", samples=200) == (1.0, 1.0)
-    # Evaluated on different examples: refused, not silently compared.
-    other = copy.deepcopy(per)
-    other["ds0"]["example_correct"] = other["ds0"]["example_correct"][:10]
-    with pytest.raises(ValueError, match="different examples"):
-        paired_bootstrap(per, other, "accuracy")

@@ -1,8 +1,8 @@
-"""Tests for merit.merge.streaming: streaming weighted merge of Hugging Face checkpoints, with proof."""
+"""Tests for merit.merge.streaming: the streaming weighted merge of Hugging Face checkpoints
+(arithmetic, task vectors, output structure, refusals, atomicity)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -10,91 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_models import (
+    UP,
+    bits,
+    exact_merge,
+    leftovers,
+    read_tensors,
+    rewrite,
+    save_model,
+)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from merit.lm import fingerprint
-from merit.merge import streaming as merging
-from merit.merge.streaming import (
-    HashCache,
-    MergeError,
-    checkpoint_tensors,
-    merge_checkpoints,
-    plan_merge,
-    verify_merge,
-)
-
-TINY = {
-    "vocab_size": 64,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
-UP = "model.layers.0.mlp.up_proj.weight"
-
-
-def save_model(
-    path: Path,
-    *,
-    seed: int | None = None,
-    tie: bool = False,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: int | None = None,
-) -> Path:
-    """Save θ0 (seed None) or a branch: θ0 plus seeded noise on every parameter."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie))
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    model.to(dtype)
-    if max_shard_size is None:
-        model.save_pretrained(path)
-    else:
-        model.save_pretrained(path, max_shard_size=max_shard_size)
-    return path
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def exact_merge(dirs: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Σ_k w_k θ_k in float64, computed directly from the branch files."""
-    states = [read_tensors(d) for d in dirs]
-    return {
-        name: sum(w * state[name].double() for w, state in zip(weights, states))
-        for name in states[0]
-    }
-
-
-def rewrite(path: Path, edit) -> None:
-    """Apply ``edit`` to the tensor dict of a single-file checkpoint and save it back."""
-    file = path / "model.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".tmp-" in p.name]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    """Bit pattern (so that -0.0 != 0.0 and NaN == NaN)."""
-    return tensor.contiguous().view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+from merit.merge import arithmetic
+from merit.merge.arithmetic import MergeTerms, plan_weighting
+from merit.merge.errors import MergeError
+from merit.merge.safetensors_io import checkpoint_tensors, read_safetensors_header
+from merit.merge.streaming import MergeOptions, merge_checkpoints, plan_merge
 
 
 @pytest.fixture
@@ -110,7 +44,7 @@ def branches(tmp_path: Path) -> list[Path]:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks far smaller than the tensors (and not dividing them): chunk edges are exercised."""
-    monkeypatch.setattr(merging, "_CHUNK", 37)
+    monkeypatch.setattr(arithmetic, "_CHUNK", 37)
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
@@ -145,16 +79,16 @@ def test_weights_used_as_given(tmp_path, base, branches):
     a, b = read_tensors(branches[0]), read_tensors(branches[1])
     for name in a:
         torch.testing.assert_close(got[name], 2 * a[name] - b[name], rtol=1e-6, atol=1e-6)
-    assert manifest["normalized"] is False and manifest["weights"] == [2.0, -1.0]
+    assert manifest.normalized is False and manifest.weights == [2.0, -1.0]
 
 
 def test_normalize(tmp_path, base, branches):
     manifest = merge_checkpoints(
         base, branches, [4, 3, 3], tmp_path / "out", normalize=True, progress=False
     )
-    assert manifest["normalized"] is True
-    assert manifest["weights_given"] == [4, 3, 3]
-    assert manifest["weights"] == pytest.approx([0.4, 0.3, 0.3])
+    assert manifest.normalized is True
+    assert manifest.weights_given == [4, 3, 3]
+    assert manifest.weights == pytest.approx([0.4, 0.3, 0.3])
     got = read_tensors(tmp_path / "out")
     for name, exact in exact_merge(branches, [0.4, 0.3, 0.3]).items():
         torch.testing.assert_close(got[name], exact.float(), rtol=1e-6, atol=1e-7)
@@ -169,8 +103,8 @@ def test_bf16_rounded_once_within_half_ulp(tmp_path, small_chunks):
     dirs = [save_model(tmp_path / f"b{k}", seed=k + 1, dtype=torch.bfloat16) for k in range(4)]
     weights = [0.4, 0.3, 0.2, 0.1]
     manifest = merge_checkpoints(base, dirs, weights, tmp_path / "out", progress=False)
-    assert manifest["dtype"] is None and manifest["output_dtypes"] == ["bfloat16"]
-    assert manifest["accumulation"] == "float32, rounded once"
+    assert manifest.dtype is None and manifest.output_dtypes == ["bfloat16"]
+    assert manifest.accumulation == "float32, rounded once"
     got = read_tensors(tmp_path / "out")
     states = [read_tensors(d) for d in dirs]
     within = beyond = 0
@@ -216,7 +150,7 @@ def test_dtype_override(tmp_path, in_dtype, out_dtype, name):
     dirs = [save_model(tmp_path / f"b{k}", seed=k + 1, dtype=in_dtype) for k in range(2)]
     weights = [0.7, 0.3]
     manifest = merge_checkpoints(base, dirs, weights, tmp_path / "out", dtype=name, progress=False)
-    assert manifest["dtype"] == name and manifest["output_dtypes"] == [name]
+    assert manifest.dtype == name and manifest.output_dtypes == [name]
     got = read_tensors(tmp_path / "out")
     ulp = 2**-7 if out_dtype == torch.bfloat16 else 2**-23
     for tensor_name, exact in exact_merge(dirs, weights).items():
@@ -231,7 +165,7 @@ def test_dtype_override(tmp_path, in_dtype, out_dtype, name):
 def test_threads_do_not_change_a_bit(tmp_path, base, branches, small_chunks):
     one = merge_checkpoints(base, branches, [0.5, 0.3, 0.2], tmp_path / "one", threads=1)
     three = merge_checkpoints(base, branches, [0.5, 0.3, 0.2], tmp_path / "three", threads=3)
-    assert one["outputs"]["model.safetensors"] == three["outputs"]["model.safetensors"]
+    assert one.outputs["model.safetensors"] == three.outputs["model.safetensors"]
 
 
 # -- task vectors -------------------------------------------------------------------------------
@@ -240,8 +174,8 @@ def test_task_vector_formula(tmp_path, base, branches, small_chunks):
     manifest = merge_checkpoints(
         base, branches, weights, tmp_path / "out", method="task_vector", scale=scale
     )
-    assert manifest["method"] == "task_vector" and manifest["scale"] == scale
-    assert manifest["coefficients"]["base"] == pytest.approx(1 - scale * sum(weights))
+    assert manifest.method == "task_vector" and manifest.scale == scale
+    assert manifest.base_coefficient == pytest.approx(1 - scale * sum(weights))
     theta0 = read_tensors(base)
     states = [read_tensors(b) for b in branches]
     got = read_tensors(tmp_path / "out")
@@ -260,23 +194,23 @@ def test_task_vector_with_unit_weights_is_the_linear_merge_bitwise(tmp_path):
     tv = merge_checkpoints(
         base, dirs, weights, tmp_path / "tv", method="task_vector", scale=1.0, progress=False
     )
-    assert tv["coefficients"]["base"] == 0.0
-    assert tv["outputs"]["model.safetensors"] == lin["outputs"]["model.safetensors"]
+    assert tv.base_coefficient == 0.0
+    assert tv.outputs["model.safetensors"] == lin.outputs["model.safetensors"]
     # ... and a scale ≠ 1 is not.
     other = merge_checkpoints(base, dirs, weights, tmp_path / "s2", method="task_vector", scale=2)
-    assert other["outputs"]["model.safetensors"] != lin["outputs"]["model.safetensors"]
+    assert other.outputs["model.safetensors"] != lin.outputs["model.safetensors"]
 
 
-def test_plan_merge():
-    plan = plan_merge([1, 1, 2], normalize=True, method="task_vector", scale=0.5)
+def test_plan_weighting():
+    plan = plan_weighting([1, 1, 2], normalize=True, method="task_vector", scale=0.5)
     assert plan.weights == (0.25, 0.25, 0.5)
     assert plan.coefficients == (0.125, 0.125, 0.25)
     assert plan.base_coefficient == 0.5
-    assert plan_merge([0.4, 0.6]).base_coefficient == 0.0
+    assert plan_weighting([0.4, 0.6]).base_coefficient == 0.0
     with pytest.raises(MergeError, match="method"):
-        plan_merge([1.0], method="ties")
+        plan_weighting([1.0], method="ties")
     with pytest.raises(MergeError, match="finite"):
-        plan_merge([float("nan")])
+        plan_weighting([float("nan")])
 
 
 def test_task_vector_needs_theta0(tmp_path, base, branches):
@@ -324,10 +258,32 @@ def test_sharded_output(tmp_path, base, branches):
         assert names == {n for n, v in index["weight_map"].items() if v == file}
         assert sum(sizes) <= limit or len(sizes) == 1
         total += sum(sizes)
-    assert index["metadata"]["total_size"] == total == manifest["total_bytes"]
+    assert index["metadata"]["total_size"] == total == manifest.total_bytes
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for name, exact in exact_merge(branches, weights).items():
         torch.testing.assert_close(model.state_dict()[name], exact.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_plan_merge_reads_headers_only_and_lays_out_shards(tmp_path, base, branches):
+    out = tmp_path / "out"
+    plan = plan_merge(
+        base, branches, [2, 1, 1], out, MergeOptions(normalize=True, max_shard_bytes=8192)
+    )
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert plan.weighting.weights == (0.5, 0.25, 0.25) and plan.threads >= 1
+    names = [name for shard in plan.shards for name in shard.names]
+    assert names == list(read_tensors(base)) == list(plan.base_specs)
+    assert len(plan.shards) > 1
+    assert all(
+        shard.file.endswith(f"-of-{len(plan.shards):05d}.safetensors") for shard in plan.shards
+    )
+    assert plan.total_bytes == sum(
+        t.numel() * t.element_size() for t in read_tensors(base).values()
+    )
+    single = plan_merge(base, branches, [1, 1, 1], out)
+    assert [shard.file for shard in single.shards] == ["model.safetensors"]
+    with pytest.raises(TypeError, match="max_shard_size"):
+        merge_checkpoints(base, branches, [1, 1, 1], out, max_shard_size=8192)
 
 
 def test_sharded_input(tmp_path):
@@ -345,7 +301,7 @@ def test_sharded_input(tmp_path):
     for name, exact in expected.items():
         torch.testing.assert_close(got[name], exact.float(), rtol=1e-6, atol=1e-7)
     assert len(checkpoint_tensors(base)) == len(expected)
-    base_inputs = {k for k in manifest["inputs"] if k.startswith(str(base) + os.sep)}
+    base_inputs = {k for k in manifest.inputs if k.startswith(str(base) + os.sep)}
     want = {str(f) for f in base.glob("*.safetensors")} | {
         str(base / "model.safetensors.index.json"),
         str(base / "config.json"),
@@ -398,7 +354,7 @@ def test_checkpoint_tensors(tmp_path):
 
 def test_header_parser_agrees_with_safetensors(tmp_path):
     path = save_model(tmp_path / "m", dtype=torch.bfloat16) / "model.safetensors"
-    specs = merging.read_safetensors_header(path)
+    specs = read_safetensors_header(path)
     data = path.read_bytes()
     for name, tensor in load_file(path).items():
         spec = specs[name]
@@ -406,7 +362,7 @@ def test_header_parser_agrees_with_safetensors(tmp_path):
         assert data[spec.start : spec.end] == tensor.view(torch.uint8).numpy().tobytes()
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(MergeError, match=r"bad\.safetensors"):
-        merging.read_safetensors_header(tmp_path / "bad.safetensors")
+        read_safetensors_header(tmp_path / "bad.safetensors")
 
 
 # -- refusals -----------------------------------------------------------------------------------
@@ -478,7 +434,7 @@ def test_all_problems_reported_before_writing(tmp_path, base, branches, monkeypa
     rewrite(branches[2], _half_up)
     (tmp_path / "nothing").mkdir()
     calls = []
-    monkeypatch.setattr(merging._Terms, "chunk", lambda *a: calls.append(a))
+    monkeypatch.setattr(MergeTerms, "chunk", lambda *a: calls.append(a))
     with pytest.raises(MergeError) as err:
         merge_checkpoints(
             base, [*branches, tmp_path / "nothing"], [0.25] * 4, tmp_path / "out", progress=False
@@ -532,7 +488,7 @@ def test_branch_from_another_theta0_is_refused(tmp_path, base):
         merge_checkpoints(ours, [ours, theirs], [0.5, 0.5], tmp_path / "out", base_is_theta0=False)
     # ... and θ0's fingerprint is then the one they record.
     m = merge_checkpoints(ours, [ours, ours], [0.5, 0.5], tmp_path / "out", base_is_theta0=False)
-    assert m["base_fingerprint"] == fp and m["base_is_theta0"] is False
+    assert m.base_fingerprint == fp and m.base_is_theta0 is False
 
 
 def test_argument_errors(tmp_path, base, branches):
@@ -561,7 +517,7 @@ def test_existing_output(tmp_path, base, branches):
 
 # -- atomicity ----------------------------------------------------------------------------------
 def test_failure_mid_write_leaves_nothing(tmp_path, base, branches, monkeypatch, small_chunks):
-    real = merging._Terms.chunk
+    real = MergeTerms.chunk
     calls = []
 
     def flaky(self, *args):
@@ -570,7 +526,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, base, branches, monkeypatch,
             raise RuntimeError("disk on fire")
         return real(self, *args)
 
-    monkeypatch.setattr(merging._Terms, "chunk", flaky)
+    monkeypatch.setattr(MergeTerms, "chunk", flaky)
     out = tmp_path / "nested" / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         merge_checkpoints(base, branches, [1 / 3] * 3, out, max_shard_bytes=4096, threads=1)
@@ -592,154 +548,3 @@ def test_stale_temporary_directories_of_dead_merges_are_removed(tmp_path, base, 
         (d / "model.safetensors").write_bytes(b"half")
     merge_checkpoints(base, branches, [1 / 3] * 3, out, progress=False)
     assert not dead.exists() and alive.exists()
-
-
-# -- proof --------------------------------------------------------------------------------------
-def test_manifest(tmp_path, base, branches):
-    weights = [0.2, 0.5, 0.3]
-    meta = {"plan_hash": "abc", "tokens": [2, 5, 3]}
-    out = tmp_path / "out"
-    manifest = merge_checkpoints(
-        base,
-        branches,
-        weights,
-        out,
-        max_shard_bytes=8192,
-        metadata=meta,
-        weights_from="plan tokens",
-        progress=False,
-    )
-    assert json.loads((out / "merge_manifest.json").read_text()) == manifest
-    assert manifest["method"] == "linear" and manifest["formula"] == "θ̄ = Σ_k w_k θ_k"
-    assert manifest["weights"] == weights and manifest["weights_from"] == "plan tokens"
-    assert manifest["metadata"] == meta
-    assert manifest["base"] == str(base)
-    assert manifest["base_fingerprint"] == fingerprint(base)
-    assert manifest["checkpoints"] == [str(b) for b in branches]
-    written = {p.name for p in out.iterdir()} - {"merge_manifest.json"}
-    assert set(manifest["outputs"]) == written
-    for name, digest in manifest["outputs"].items():
-        assert sha256(out / name) == digest, name
-    inputs = [
-        *base.iterdir(),
-        *(f for b in branches for f in b.glob("*.safetensors")),
-    ]
-    assert manifest["inputs"] == {str(f): sha256(f) for f in inputs}
-    tensors = read_tensors(out)
-    assert manifest["num_tensors"] == len(tensors)
-    assert manifest["total_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def test_model_card(tmp_path, base, branches):
-    (base / "README.md").write_text("# θ0's own card")
-    manifest = merge_checkpoints(
-        base, branches, [2, 1, 1], tmp_path / "out", normalize=True, progress=False
-    )
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "θ0's own card" not in card
-    assert "normalised: divided by their sum 4" in card
-    assert manifest["base_fingerprint"] in card
-    for branch, w in zip(branches, [0.5, 0.25, 0.25]):
-        assert f"| `{branch}` | {w:g} |" in card
-    for file, digest in manifest["inputs"].items():
-        assert f"| `{file}` | `{digest}` |" in card
-
-
-def test_side_files_copied_training_state_skipped(tmp_path, base, branches):
-    copied = {
-        "chat_template.jinja": "{{ messages }}",
-        "tokenizer.json": "{}",
-        "preprocessor_config.json": "{}",
-    }
-    skipped = [
-        "optimizer.pt",
-        "scheduler.pt",
-        "rng_state.pth",
-        "trainer_state.json",
-        "training_args.bin",
-        "pytorch_model.bin",
-        "pytorch_model.bin.index.json",
-        "merge_manifest.json",
-    ]
-    for name, text in copied.items():
-        (base / name).write_text(text)
-    for name in skipped:
-        (base / name).write_text("stale")
-    (base / "runs").mkdir()
-    merge_checkpoints(base, branches, [1 / 3] * 3, tmp_path / "out", progress=False)
-    out = tmp_path / "out"
-    names = {p.name for p in out.iterdir()}
-    assert names == {
-        "config.json",
-        "generation_config.json",
-        *copied,
-        "model.safetensors",
-        "merge_manifest.json",
-        "README.md",
-    }
-    for name in ["config.json", "generation_config.json", *copied]:
-        assert (out / name).read_bytes() == (base / name).read_bytes()
-
-
-def test_verify_merge(tmp_path, base, branches):
-    out = tmp_path / "out"
-    merge_checkpoints(base, branches, [0.2, 0.5, 0.3], out, max_shard_bytes=8192)
-    report = verify_merge(out)
-    assert report["problems"] == [] and report["missing_inputs"] == []
-    assert report["outputs"] == len(list(out.iterdir())) - 1
-    assert report["inputs"] == len(json.loads((out / "merge_manifest.json").read_text())["inputs"])
-
-    shard = sorted(out.glob("model-*.safetensors"))[1]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-    (out / "extra.bin").write_bytes(b"x")
-    rewrite(branches[1], lambda t: t[UP].mul_(2))
-    problems = verify_merge(out)["problems"]
-    assert len(problems) == 3
-    assert any(str(shard) in p and "sha256" in p for p in problems)
-    assert any(str(out / "extra.bin") in p and "not listed" in p for p in problems)
-    assert any(str(branches[1] / "model.safetensors") in p and "input" in p for p in problems)
-    assert len(verify_merge(out, check_inputs=False)["problems"]) == 2
-
-    (branches[1] / "model.safetensors").unlink()
-    assert str(branches[1] / "model.safetensors") in verify_merge(out)["missing_inputs"]
-    with pytest.raises(MergeError, match="manifest"):
-        verify_merge(tmp_path)
-
-
-def test_hash_cache(tmp_path, monkeypatch):
-    cache = HashCache(tmp_path / "cache")
-    f = tmp_path / "f.bin"
-    f.write_bytes(b"one")
-    # Just written: too recent to trust its time stamps, so hashed but not cached.
-    assert merging._cached_sha256(f, cache) == sha256(f)
-    assert cache.get("sha256", [f]) is None
-    monkeypatch.setattr(merging, "_RACY_NS", 0)
-    assert merging._cached_sha256(f, cache) == sha256(f)
-    assert cache.get("sha256", [f]) == sha256(f)
-    # A hit is the recorded hash, without reading the file ...
-    entry = next((tmp_path / "cache").iterdir())
-    rec = json.loads(entry.read_text())
-    entry.write_text(json.dumps({**rec, "sha256": "recorded"}))
-    assert merging._cached_sha256(f, cache) == "recorded"
-    # ... and any change to the file (even of the same size, mtime restored) misses.
-    st = f.stat()
-    f.write_bytes(b"two")
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert merging._cached_sha256(f, cache) == sha256(f) != "recorded"
-
-
-def test_merge_uses_and_fills_the_hash_cache(tmp_path, base, branches, monkeypatch):
-    monkeypatch.setattr(merging, "_RACY_NS", 0)
-    cache = tmp_path / "cache"
-    first = merge_checkpoints(base, branches, [1 / 3] * 3, tmp_path / "a", hash_cache=cache)
-    second = merge_checkpoints(base, branches, [1 / 3] * 3, tmp_path / "b", hash_cache=cache)
-    assert first["inputs"] == second["inputs"]
-    assert first["base_fingerprint"] == second["base_fingerprint"] == fingerprint(base)
-    # θ0's and the branches' weights, θ0's config.json (fingerprinted) and the fingerprint
-    assert len(list(cache.iterdir())) == 4 + 1 + 1
-    rewrite(branches[0], lambda t: t[UP].mul_(2))
-    third = merge_checkpoints(base, branches, [1 / 3] * 3, tmp_path / "c", hash_cache=cache)
-    f = str(branches[0] / "model.safetensors")
-    assert third["inputs"][f] == sha256(Path(f)) != first["inputs"][f]

@@ -87,16 +87,19 @@ def test_embedding_is_deterministic_and_sign_fixed():
 from merit.plan.conflict import PartGram  # noqa: E402
 from merit.plan.splitters import (  # noqa: E402
     PlanInputs,
-    adjusted_rand_index,
-    align_labels,
-    changed_groups,
+    balance_of,
     choose,
     compare,
     gain_identity,
     random_split,
-    resampled_grams,
     sign_split,
     splitters,
+)
+from merit.plan.stability import (  # noqa: E402
+    adjusted_rand_index,
+    align_labels,
+    changed_groups,
+    resampled_grams,
     stability,
 )
 
@@ -270,3 +273,37 @@ def test_planning_config_checks():
         config_from_dict({**base, "planning": {"splitter": "auto", "objective": "merged_loss"}})
     with pytest.raises(ConfigError, match="must divide"):
         config_from_dict({**base, "calibration": {"sketch_dim": 4096, "microbatch_dim": 1000}})
+
+
+def test_median_split_reports_its_balance_and_warns_past_the_tolerance():
+    """One dataset holds most samples: no cut of indivisible datasets balances two groups, and
+    the median candidate must say so (balance, deviation and a warning naming the setting)."""
+    g, _ = _planted()
+    skewed = np.full(len(g), 10.0)
+    skewed[3] = 1000.0
+    by = {c.splitter: c for c in compare(_inputs(g, skewed), 2, tolerance=0.1)}
+    med = by["median"]
+    load = np.bincount(med.groups, weights=skewed, minlength=2)
+    assert med.balance == pytest.approx(load.max() / load.min())
+    assert med.deviation == pytest.approx(np.abs(load / (skewed.sum() / 2) - 1).max())
+    assert med.deviation > 0.1
+    assert len(med.warnings) == 1 and "unbalanced median plan" in med.warnings[0]
+    assert "planning.balance_tolerance=0.1" in med.warnings[0]
+    assert med.note == f"unbalanced: a group {med.deviation:.0%} off total/K (> 10%)"
+    # Past any tolerance whatever the splitter: every available candidate warns.
+    assert all(c.warnings for c in by.values() if c.available)
+    assert "ignores the data" in by["random"].note
+    # Equal datasets split evenly: balance 1, no warning.
+    even = {c.splitter: c for c in compare(_inputs(g), 2, tolerance=0.1)}["median"]
+    assert even.balance == 1.0 and even.deviation == 0.0
+    assert even.warnings == [] and even.note == ""
+
+
+def test_balance_of_and_tolerance_edge():
+    groups = np.array([0, 0, 1, 1])
+    ratio, dev = balance_of(groups, [30, 25, 25, 20], 2)
+    assert ratio == pytest.approx(55 / 45) and dev == pytest.approx(0.1)
+    from merit.plan.splitters import balance_warning
+
+    assert balance_warning("median", groups, [30, 25, 25, 20], 2, tolerance=0.1) is None
+    assert "10%" in balance_warning("median", groups, [30, 25, 25, 20], 2, tolerance=0.09)

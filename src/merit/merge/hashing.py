@@ -1,0 +1,144 @@
+"""sha256 of the merge's inputs: a stat-keyed cache, and θ0's fingerprint in the same read.
+
+Single files are hashed by :func:`merit.artifacts.sha256_file` (merit's one sha256 of a file);
+θ0's weight files are read once for both their own sha256 and merit's fingerprint over all of
+them (:func:`fingerprint_and_hashes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from merit.artifacts import sha256_file
+
+CONFIG_FILE = "config.json"
+
+_HASH_BLOCK = 4 * 1024**2
+# File times tick in jiffies, not nanoseconds: a file changed within this long of being hashed
+# could change again without its stat data changing, so its hash is not cached ("racy git").
+_RACY_NS = 2 * 10**9
+
+
+class HashCache:
+    """sha256 of files, remembered under a directory by (device, inode, size, mtime, ctime).
+
+    Any write, truncation, rename over or chmod of a file changes its ctime, which no user call
+    can set back (git's index relies on the same stat data), so a hit is the hash of the bytes
+    on disk; files changed in the last two seconds are not cached, since time stamps are
+    coarser than that could tell apart. It spares re-hashing gigabytes of unchanged inputs on
+    every merge; verification (:func:`merit.merge.verify.verify_merge`) never uses it.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def stat(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def _entry(self, kind: str, path: Path) -> Path:
+        key = hashlib.sha256(f"{kind}\0{path.resolve()}".encode()).hexdigest()[:32]
+        return self.root / f"{key}.json"
+
+    def get(self, kind: str, paths: Sequence[Path]) -> str | None:
+        try:
+            rec = json.loads(self._entry(kind, paths[0]).read_text())
+            if rec["stat"] == [self.stat(p) for p in paths]:
+                return rec["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def put(self, kind: str, paths: Sequence[Path], stats: list[list[int]], digest: str) -> None:
+        """Record ``digest`` if the files still have the stat data they had before hashing."""
+        try:
+            if [self.stat(p) for p in paths] != stats:
+                return
+            if time.time_ns() - max(max(st[3], st[4]) for st in stats) < _RACY_NS:
+                return
+            self.root.mkdir(parents=True, exist_ok=True)
+            entry = self._entry(kind, paths[0])
+            tmp = entry.with_name(f".{entry.name}.{secrets.token_hex(4)}")
+            rec = {"paths": [str(p) for p in paths], "stat": stats, "sha256": digest}
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # a cache that cannot be written is just a cold cache
+
+
+def _as_cache(cache: HashCache | str | Path | None) -> HashCache | None:
+    return cache if cache is None or isinstance(cache, HashCache) else HashCache(cache)
+
+
+def cached_sha256(path: str | Path, cache: HashCache | str | Path | None) -> str:
+    """sha256 of a file, through ``cache`` (a :class:`HashCache` or its directory; ``None``:
+    hashed anew)."""
+    path, hash_cache = Path(path), _as_cache(cache)
+    if hash_cache is None:
+        return sha256_file(path)
+    hit = hash_cache.get("sha256", [path])
+    if hit is None:
+        stats = [HashCache.stat(path)]
+        hit = sha256_file(path)
+        hash_cache.put("sha256", [path], stats, hit)
+    return hit
+
+
+def fingerprint_files(model_dir: Path) -> list[Path]:
+    """The files merit's θ0 fingerprint covers (:func:`merit.lm.fingerprint`)."""
+    config = model_dir / CONFIG_FILE
+    return [*sorted(model_dir.glob("*.safetensors")), *([config] if config.is_file() else [])]
+
+
+def fingerprint_and_hashes(
+    model_dir: Path, cache: HashCache | str | Path | None
+) -> tuple[str, dict[Path, str]]:
+    """θ0's fingerprint and the sha256 of each file it covers, reading each file once."""
+    files, hash_cache = fingerprint_files(model_dir), _as_cache(cache)
+    if hash_cache is not None:
+        fp = hash_cache.get("fingerprint", files)
+        hashes = {f: hash_cache.get("sha256", [f]) for f in files}
+        if fp is not None and all(hashes.values()):
+            return fp, hashes  # type: ignore[return-value]
+    stats = [HashCache.stat(f) for f in files]
+    *digests, fp = _digests_and_fingerprint(files)
+    hashes = dict(zip(files, digests))
+    if hash_cache is not None:
+        hash_cache.put("fingerprint", files, stats, fp)
+        for f, st, d in zip(files, stats, digests):
+            hash_cache.put("sha256", [f], [st], d)
+    return fp, hashes
+
+
+def _digests_and_fingerprint(paths: Sequence[Path]) -> list[str]:
+    """sha256 of each file, then merit's fingerprint over all of them: sha256 of name + bytes
+    for each file in turn, as :func:`merit.lm.fingerprint` defines it. Each file is read once
+    for both, from a memory map (no copy into a read buffer)."""
+    combined = hashlib.sha256()
+    digests = []
+    for path in paths:
+        digest = hashlib.sha256()
+        combined.update(path.name.encode())
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    view = memoryview(m)
+                    try:
+                        for start in range(0, size, _HASH_BLOCK):
+                            block = view[start : start + _HASH_BLOCK]
+                            digest.update(block)
+                            combined.update(block)
+                            block.release()
+                    finally:
+                        view.release()
+        digests.append(digest.hexdigest())
+    return [*digests, combined.hexdigest()]
