@@ -1,4 +1,4 @@
-"""Benchmark: `merit diagnose` + `merit report` on a finished run (issue 6).
+"""Benchmark: `merit diagnose` + `merit report` on a finished run.
 
     python bench/diagnose.py RUN_DIR [--cache-dir DIR]
 
@@ -6,16 +6,16 @@ RUN_DIR is a finished run (``merit demo`` writes ``runs/demo``); it is copied to
 directory first (its diagnostics and report removed) so the original is never touched. Both
 commands run through the CLI, as a user runs them, and are timed end to end (interpreter start-up,
 loading the mixture and the models included). Reported: each time, their sum against the
-5-minute budget of the issue, and as a ratio to the run's own pipeline wall time
+5-minute budget, and as a ratio to the run's own pipeline wall time
 (``timings.json``: ``total``, or the sum of its stages), plus where diagnose spends its time.
 The report is then rendered with headless Chromium when it is installed (screenshot written next
 to the copy).
 
 ``--reuse-artifacts`` is for a run directory written by an older merit whose config schema (and
 hence experiment hash) or calibration format differ from this checkout's: each stage then runs
-in a fresh process as ``merit.pipeline.diagnose`` / ``merit.pipeline.report`` themselves, with the
-upstream stage checks (plan, train, merge) replaced by reading the saved artifacts, and evaluation
-records without a format version accepted as current.
+in a fresh process as ``merit.diagnose.stage.diagnose`` / ``merit.report.stage.report``
+themselves, with the upstream stage checks (plan, train, merge) replaced by reading the saved
+artifacts, and evaluation records without a format version accepted as current.
 """
 
 from __future__ import annotations
@@ -40,27 +40,90 @@ def _timed(cmd: list[str]) -> float:
 
 def _stage_reusing_artifacts(run_dir: Path, stage: str) -> None:
     """One stage on a run whose upstream artifacts predate this checkout (see the docstring)."""
-    from merit import pipeline
     from merit.artifacts import read_json, write_json
     from merit.config import load_config
+    from merit.diagnose import stage as diagnose_stage
+    from merit.evaluate import stage as evaluate_stage
     from merit.evaluate.scoring import EVAL_VERSION
+    from merit.plan.stage import Plan
+    from merit.report import stage as report_stage
+    from merit.run import Run
 
     cfg = load_config(run_dir / "config.yaml", [f"run_dir={run_dir}", "runtime.progress=false"])
-    run = pipeline.Run(cfg)
+    run = Run(cfg)
     run.__dict__["base_dir"] = Path(read_json(run_dir / "base.json")["path"])
     run.validate()  # loads the mixture, as Run.open does
-    plan = read_json(run.paths.plan)
+    plan = Plan.load(run.paths.plan)
     for f in (run_dir / "eval").glob("*.json"):
         rec = read_json(f)
         if "datasets" in rec and "version" not in rec:
             write_json(f, {**rec, "version": EVAL_VERSION})
-    pipeline.make_plan = lambda run, **kw: plan
-    pipeline.train = lambda run, **kw: []
-    pipeline.merge = lambda run: read_json(run.paths.merged / "merge_manifest.json")
+    # Each stage module binds the upstream stage functions it calls: replace them there.
+    upstream = {
+        "make_plan": lambda run, **kw: plan,
+        "train": lambda run, **kw: [],
+        "merge": lambda run: read_json(run.paths.merged / "merge_manifest.json"),
+    }
+    for module in (diagnose_stage, evaluate_stage, report_stage):
+        for name, fake in upstream.items():
+            if hasattr(module, name):
+                setattr(module, name, fake)
     if stage == "diagnose":
-        pipeline.diagnose(run)
+        diagnose_stage.diagnose(run)
     else:
-        pipeline.report(run)
+        report_stage.report(run)
+
+
+def _print_results(source: Path, run: Path, t_diag: float, t_rep: float, pipeline: float) -> None:
+    d = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
+    total = t_diag + t_rep
+    print(f"run: {source} ({d['parameters']:,} parameters, K={len(d['gain']['weights'])})")
+    print(
+        f"merit diagnose {t_diag:.0f} s + merit report {t_rep:.0f} s = {total:.0f} s: "
+        f"{total / 300:.0%} of the 5-minute budget"
+        + (
+            f", {total / pipeline:.2f}× the run's own pipeline time ({pipeline:.0f} s)"
+            if pipeline
+            else ""
+        )
+    )
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in d["timings"].items())
+    print(
+        f"diagnose: {d['evaluations']} loss evaluations and {d['hvps']} Hessian-vector products "
+        f"on {d['examples']['heldout']} held-out examples ({d['examples']['heldout_tokens']} "
+        f"answer tokens); {parts}"
+    )
+    print(d["overall"])
+    tag = {True: "holds", False: "fails", None: "n/a"}
+    for v in d["verdicts"]:
+        print(f"  [{tag[v['holds']]}] {v['premise']}: {v['why']}")
+
+
+def _screenshot(work: Path, run: Path) -> None:
+    """The report rendered by headless Chromium, when it is installed."""
+    exe = shutil.which("chromium")
+    if not exe:
+        return
+    shot = work / "report.png"
+    subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tempfile.mkdtemp(dir=work)}",
+            f"--screenshot={shot}",
+            "--window-size=1280,9000",
+            (run / "report" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+    )
+    print(f"screenshot: {shot}")
 
 
 def main() -> None:
@@ -99,51 +162,8 @@ def main() -> None:
         merit = [sys.executable, "-m", "merit.cli"]
         t_diag = _timed([*merit, "diagnose", str(run), *over])
         t_rep = _timed([*merit, "report", str(run), *over])
-    d = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
-    total = t_diag + t_rep
-    print(f"run: {args.run_dir} ({d['parameters']:,} parameters, K={len(d['gain']['weights'])})")
-    print(
-        f"merit diagnose {t_diag:.0f} s + merit report {t_rep:.0f} s = {total:.0f} s: "
-        f"{total / 300:.0%} of the 5-minute budget"
-        + (
-            f", {total / pipeline:.2f}× the run's own pipeline time ({pipeline:.0f} s)"
-            if pipeline
-            else ""
-        )
-    )
-    parts = ", ".join(f"{k} {v:.0f} s" for k, v in d["timings"].items())
-    print(
-        f"diagnose: {d['evaluations']} loss evaluations and {d['hvps']} Hessian-vector products "
-        f"on {d['examples']['heldout']} held-out examples ({d['examples']['heldout_tokens']} "
-        f"answer tokens); {parts}"
-    )
-    print(d["overall"])
-    for v in d["verdicts"]:
-        print(
-            f"  [{ {True: 'holds', False: 'fails', None: 'n/a'}[v['holds']] }] {v['premise']}: {v['why']}"
-        )
-    exe = shutil.which("chromium")
-    if exe:
-        shot = work / "report.png"
-        subprocess.run(
-            [
-                exe,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tempfile.mkdtemp(dir=work)}",
-                f"--screenshot={shot}",
-                "--window-size=1280,9000",
-                (run / "report" / "index.html").as_uri(),
-            ],
-            capture_output=True,
-        )
-        print(f"screenshot: {shot}")
+    _print_results(args.run_dir, run, t_diag, t_rep, pipeline)
+    _screenshot(work, run)
     if args.keep:
         print(f"kept: {run}")
     else:

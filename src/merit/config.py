@@ -289,7 +289,7 @@ class DiagnosticsConfig(_Section):
     hvp_step: float = Field(1e-2, gt=0, description="finite-difference step, parameter units")
     top_eigen: int = Field(3, ge=1, description="top Hessian eigen-directions in the gain split")
     seed: int = 0
-    # When a premise counts as holding (see merit.diagnose.premises.verdicts).
+    # When a premise counts as holding (see merit.diagnose.verdicts).
     barrier_tolerance: float = Field(0.02, ge=0, description="barrier / endpoint loss")
     flatness_tolerance: float = Field(
         0.05, ge=0, description="loss rise at perturbation scale 1, relative"

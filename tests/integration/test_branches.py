@@ -109,7 +109,7 @@ def test_sigkill_then_rerun_is_bitwise_equal(planned, capsys):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     again = _merit("train", str(cfg), f"run_dir={run}", "--branch", "0")
-    out, err = again.communicate(timeout=300)
+    _out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert "resuming from checkpoint-" in err
     assert _weights(run, 0) == planned["ref"][0]  # bitwise
@@ -225,7 +225,11 @@ def test_ray_two_node_cluster_survives_losing_a_node(planned, monkeypatch):
                 launch = run / "branches" / f"branch-{k}" / "launch.json"
                 if launch.is_file() and json.loads(launch.read_text())["node_id"] == worker.node_id:
                     p = _progress(run, k)
-                    if p.get("status") == "running" and p["step"] >= 5:
+                    # A sealed checkpoint exists: the retry has something to resume from.
+                    sealed = (run / "branches" / f"branch-{k}").glob(
+                        f"trainer/checkpoint-*/{CHECKPOINT_MARKER}"
+                    )
+                    if p.get("status") == "running" and p["step"] >= 5 and any(sealed):
                         victim = k
             time.sleep(0.02)
         cluster.remove_node(worker, allow_graceful=False)

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import write_run_config
 from merit.cli import main
+from merit.diagnose.verdicts import VERDICT_KEYS
+from merit.report.page import ReportData, build_report
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -107,16 +109,25 @@ def test_report_is_self_contained_with_a_markdown_twin(reported):
         *("barriers", "perturbation", "generalization", "gain", "distances"),  # diagnostics
     }
     results = json.loads((reported / "eval" / "results.json").read_text())
-    for label in results["models"]:
-        assert f"<td>{label}</td>" in page  # one row per model in the results table
+    for key, rec in results["models"].items():
+        # One row per model in the results table, shown by its label (records written before
+        # they carried one are keyed by it).
+        assert f"<td>{rec.get('label', key)}</td>" in page
     md = (reported / "report" / "report.md").read_text()
     figs = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
     assert len(figs) == len(imgs)
     for f in figs:
         _png_size(reported / "report" / f)
     assert "MERIT K=2 vs joint" in md and "one basin" in md
+    # One conflict-matrix picture: the report's is the plan stage's, byte for byte.
+    plan_png = (reported / "plan_plots" / "cosine.png").read_bytes()
+    assert (reported / "report" / "figures" / "conflict.png").read_bytes() == plan_png
+    # Verdicts carry their stable key into the page.
+    for key in VERDICT_KEYS:
+        assert f'data-premise="{key}"' in page
     # The averages in the table are the evaluation's, with their intervals.
-    s = results["models"]["MERIT K=2"]["summary"]
+    merged = results["models"].get("merged") or results["models"]["MERIT K=2"]
+    s = merged["summary"]
     assert f"{100 * s['accuracy']:.1f} [{100 * s['accuracy_ci'][0]:.1f}" in md
 
 
@@ -170,3 +181,79 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     )
     w, h = _png_size(shot)
     assert (w, h) == (1280, 2400)
+
+
+def _fake_run(evaluation: dict, comparisons: dict) -> ReportData:
+    names = ["arith__add", "arith__sub", "copy", "reverse"]
+    plan = {
+        "K": 2,
+        "rank": 1,
+        "method": "median",
+        "explained_variance": [0.7],
+        "cosine": np.eye(4).tolist(),
+        "datasets": [
+            {"name": n, "group": i % 2, "z": [float(i)], "calibration_loss": 1.0}
+            for i, n in enumerate(names)
+        ],
+        "groups": [
+            {"id": g, "datasets": names[g::2], "samples": 10, "tokens": 100, "weight": 0.5}
+            for g in (0, 1)
+        ],
+    }
+    return ReportData(
+        title="fake",
+        run_dir="runs/fake",
+        config={"model": {"path": "demo"}},
+        data=None,
+        plan=plan,
+        branches=[{"datasets": names[g::2], "tokens": 100} for g in (0, 1)],
+        evaluation=evaluation,
+        comparisons=comparisons,
+    )
+
+
+def _record(acc: float, label: str | None) -> dict:
+    names = ["arith__add", "arith__sub", "copy", "reverse"]
+    rec = {
+        "datasets": {n: {"accuracy": acc, "nll": 1 - acc} for n in names},
+        "summary": {"accuracy": acc, "nll": 1 - acc, "accuracy_ci": [acc - 0.1, acc + 0.1]},
+    }
+    return rec if label is None else {**rec, "model": label, "label": label}
+
+
+def _paired() -> dict:
+    r = {"difference": 0.01, "ci": [-0.01, 0.03], "p_a_better": 0.8}
+    return {"accuracy": {**r, "wins": 2, "ties": 1, "losses": 1}, "nll": r}
+
+
+def test_report_orders_and_shows_models_by_key(tmp_path):
+    """Results keyed by model key, each with its display label: rows in the paper's order (θ0,
+    joint, merge, branches by number), labels shown, comparisons named by label."""
+    labels = {
+        "branch-1": "branch 1",
+        "merged": "MERIT K=2",
+        "branch-0": "branch 0",
+        "joint": "joint",
+        "base": "θ0 (base)",
+    }
+    ev = {
+        k: {**_record(0.1 * (i + 1), lab), "model": k} for i, (k, lab) in enumerate(labels.items())
+    }
+    pairs = {"joint": {"reference": "merged", "other": "joint", **_paired()}}
+    html_path, md_path = build_report(_fake_run(ev, pairs), tmp_path / "report")
+    md = md_path.read_text()
+    results = md[md.index("## Results") :]
+    rows = re.findall(r"^\| (θ0 \(base\)|joint|MERIT K=2|branch \d) \|", results, flags=re.M)
+    expect = ["θ0 (base)", "joint", "MERIT K=2", "branch 0", "branch 1"]
+    assert rows == expect * 2  # the accuracy table, then the NLL table
+    assert "| MERIT K=2 vs joint |" in md
+    assert "MERIT − joint, accuracy" in md  # the summary finds the merge and joint by key
+    page = html_path.read_text()
+    assert "<td>merged</td>" not in page and "<td>MERIT K=2</td>" in page
+
+
+def test_report_shows_the_key_when_a_record_has_no_label(tmp_path):
+    ev = {"θ0 (base)": _record(0.2, None), "joint": _record(0.3, None)}
+    _, md_path = build_report(_fake_run(ev, {"joint vs θ0 (base)": _paired()}), tmp_path / "r")
+    md = md_path.read_text()
+    assert "| θ0 (base) |" in md and "| joint |" in md and "| joint vs θ0 (base) |" in md

@@ -7,7 +7,8 @@ The paper's argument (§4) rests on θ0 sitting in a flat, "merge-ready" basin, 
 
 with δ_k = θ_k − θ0, δ̄ = Σ_k w_k δ_k = θ̄ − θ0 and H the Hessian at θ0 (paper, theorem on
 G_var): the gain is the curvature-weighted variance of the branch checkpoints. This module
-measures the premises on one fixed set of held-out batches:
+holds the measurements of the premises (:mod:`merit.diagnose.measure` runs them all on one fixed
+set of held-out batches, :mod:`merit.diagnose.verdicts` judges them):
 
 * loss along straight lines between checkpoints and the barrier height (linear mode
   connectivity: the branches stay in one basin);
@@ -24,7 +25,7 @@ code runs on a language model, a tiny MLP or an exact quadratic (the tests use t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,7 +58,6 @@ class Objective:
         module: torch.nn.Module,
         batches: Sequence[object],
         batch_loss: BatchLoss,
-        progress: bool = False,
         hvp_method: str = "exact",
         hvp_step: float = 1e-2,
     ):
@@ -68,7 +68,6 @@ class Objective:
         self.module = module
         self.batches = list(batches)
         self.batch_loss = batch_loss
-        self.progress = progress
         named = trainable_parameters(module)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -193,11 +192,10 @@ class LMObjective(Objective):
         self,
         module: torch.nn.Module,
         batches: Sequence[object],
-        progress: bool = False,
         hvp_method: str = "finite_difference",
         hvp_step: float = 1e-2,
     ):
-        super().__init__(module, batches, lm_batch_loss, progress, hvp_method, hvp_step)
+        super().__init__(module, batches, lm_batch_loss, hvp_method, hvp_step)
         # The loss units are the label tokens: known without a forward pass.
         self._count = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in self.batches))
 
@@ -248,7 +246,7 @@ def stratified_sample(per_dataset: dict[str, Sequence[T]], n: int, seed: int) ->
     return out
 
 
-# -- 1. loss along straight lines ---------------------------------------------------------------
+# -- loss along straight lines ------------------------------------------------------------------
 def interpolation_curve(
     obj: Objective,
     a: torch.Tensor,
@@ -283,13 +281,13 @@ def interpolation_curve(
     }
 
 
-# -- 2. distances -------------------------------------------------------------------------------
+# -- distances ----------------------------------------------------------------------------------
 def distances(base: torch.Tensor, models: dict[str, torch.Tensor]) -> dict[str, float]:
     """‖θ − θ0‖ for each named model (Euclidean, over every parameter)."""
     return {k: float(torch.linalg.vector_norm((v - base).double())) for k, v in models.items()}
 
 
-# -- 4. flatness --------------------------------------------------------------------------------
+# -- flatness -----------------------------------------------------------------------------------
 def gaussian_direction(dim: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """ε ~ N(0, I): drawn on the CPU so a seed gives the same direction on every device."""
     g = torch.Generator().manual_seed(seed)
@@ -331,7 +329,7 @@ def perturbation_curve(
     }
 
 
-# -- 5. the merging gain and its quadratic prediction -------------------------------------------
+# -- the merging gain and its quadratic prediction ----------------------------------------------
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -465,333 +463,6 @@ def merging_gain(
     return gain
 
 
-# -- verdicts -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Thresholds:
-    """When a premise counts as holding; see :class:`merit.config.DiagnosticsConfig`."""
-
-    barrier: float = 0.02  # largest barrier, as a fraction of the endpoints' mean loss
-    flatness: float = 0.05  # loss rise at the reference perturbation, as a fraction of the loss
-    distance_ratio: float = 1.5  # ‖θ_joint − θ0‖ / ‖θ̄ − θ0‖ at least this
-    gain_agreement: float = 0.5  # |predicted − measured| ≤ this × |measured|
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def verdicts(diag: dict, th: Thresholds = Thresholds()) -> list[dict]:
-    """One plain-words verdict per premise: ``{"premise", "holds" (True/False/None), "why"}``.
-
-    ``diag`` is the dictionary :func:`merit.pipeline.diagnose` writes (keys ``barriers``,
-    ``distances``, ``generalization``, ``perturbation``, ``gain``).
-    """
-    out = []
-    bars = [b for b in diag.get("barriers", []) if b["kind"] == "branches"]
-    if bars:
-        worst = max(bars, key=lambda b: b["barrier"] / max(1e-12, np.mean(b["ends"])))
-        rel = worst["barrier"] / max(1e-12, float(np.mean(worst["ends"])))
-        holds = rel <= th.barrier
-        why = (
-            f"the largest barrier between two branches ({worst['label']}) is "
-            f"{worst['barrier']:+.4f} nats, {_pct(rel)} of the endpoints' loss"
-            + (
-                f" (tolerance {_pct(th.barrier)}): the branches stay in one basin, so averaging "
-                "them does not climb a ridge."
-                if holds
-                else f", above the {_pct(th.barrier)} tolerance: the straight path between "
-                "these branches climbs a ridge, so their average leaves the basin."
-            )
-        )
-    else:
-        holds, why = None, "only one branch: there is no pair of branches to connect."
-    out.append({"premise": "one basin (linear mode connectivity)", "holds": holds, "why": why})
-
-    dist = diag.get("distances", {})
-    merged, joint = dist.get("merged"), dist.get("joint")
-    if merged and joint:
-        ratio = joint / merged
-        holds = ratio >= th.distance_ratio
-        why = (
-            f"θ̄ moved {merged:.3g} from θ0, joint training {joint:.3g}: {ratio:.2f}× farther "
-            f"(the paper measures 2.4–2.9×; required ≥ {th.distance_ratio:g}×). "
-            + (
-                "The merge stays in θ0's neighbourhood, where the local theory applies."
-                if holds
-                else "The merge is not much closer to θ0 than joint training."
-            )
-        )
-    else:
-        holds, why = None, "no joint baseline to compare distances with."
-    out.append({"premise": "the merge stays near θ0", "holds": holds, "why": why})
-
-    pert = diag.get("perturbation", {})
-    ref = pert.get("reference_index")
-    if pert.get("merged") and ref is not None:
-        m = pert["merged"]
-        rise = (m["mean"][ref] - m["loss"]) / max(1e-12, abs(m["loss"]))
-        holds = rise <= th.flatness
-        extra = ""
-        if pert.get("joint"):
-            j = pert["joint"]
-            rj = (j["mean"][ref] - j["loss"]) / max(1e-12, abs(j["loss"]))
-            extra = f" (the joint model: {_pct(rj)})"
-        why = (
-            f"a random step as long as the merge displacement raises θ̄'s loss by {_pct(rise)}"
-            f"{extra}; tolerance {_pct(th.flatness)}. "
-            + (
-                "The basin is flat at the scale of the merge."
-                if holds
-                else "The basin is sharp at the scale of the merge: small moves cost loss."
-            )
-        )
-    else:
-        holds, why = None, "no perturbation curve."
-    out.append({"premise": "a flat basin", "holds": holds, "why": why})
-
-    gen = diag.get("generalization", {})
-    if "merged" in gen and "joint" in gen:
-        gm = gen["merged"]["heldout"] - gen["merged"]["train"]
-        gj = gen["joint"]["heldout"] - gen["joint"]["train"]
-        holds = gm <= gj
-        why = (
-            f"train → held-out loss: θ̄ {gen['merged']['train']:.4f} → "
-            f"{gen['merged']['heldout']:.4f} (gap {gm:+.4f}), joint "
-            f"{gen['joint']['train']:.4f} → {gen['joint']['heldout']:.4f} (gap {gj:+.4f}). "
-            + (
-                "The merge generalises at least as well as joint training relative to its fit."
-                if holds
-                else "The merge has the larger generalisation gap."
-            )
-        )
-    else:
-        holds, why = None, "no joint baseline to compare generalisation with."
-    out.append({"premise": "the merge generalises better", "holds": holds, "why": why})
-
-    g = diag.get("gain")
-    if g and g.get("measured") is not None and len(g.get("weights", [])) > 1:
-        meas, pred = g["measured"], g["predicted"]
-        holds = meas > 0 and abs(pred - meas) <= th.gain_agreement * abs(meas)
-        top = g.get("eigen_split") or []
-        share = (sum(top) / pred) if (top and pred) else None
-        why = (
-            f"measured gain {meas:+.5f} nats, quadratic prediction {pred:+.5f} "
-            f"(ratio {pred / meas if meas else float('nan'):.2f}; required within "
-            f"{_pct(th.gain_agreement)}). "
-            + (
-                "The merge gained what the curvature-weighted checkpoint variance predicts."
-                if holds
-                else "The local quadratic model does not account for the merge's gain."
-            )
-            + (
-                f" The top {len(top)} Hessian directions carry {_pct(share)} of the prediction."
-                if share is not None
-                else ""
-            )
-        )
-    else:
-        holds, why = None, "only one branch: nothing to merge."
-    out.append({"premise": "the gain is curvature-weighted variance", "holds": holds, "why": why})
-    return out
-
-
-def overall(items: Iterable[dict]) -> str:
-    """One sentence: merge-ready when the basin premises (one basin, flat) hold."""
-    by = {v["premise"]: v["holds"] for v in items}
-    basin = [by.get("one basin (linear mode connectivity)"), by.get("a flat basin")]
-    if all(h is True for h in basin):
-        return "θ0 is merge-ready: its branches stay in one flat basin."
-    if any(h is False for h in basin):
-        return "θ0 is not merge-ready: " + (
-            "its branches are separated by a loss barrier."
-            if basin[0] is False
-            else "its basin is sharp at the scale of the merge."
-        )
-    return "not enough branches or baselines to decide whether θ0 is merge-ready."
-
-
 def relative_sigmas(scales: Sequence[float], step: float, dim: int) -> list[float]:
     """σ such that ‖σε‖ ≈ scale × ``step`` for ε ~ N(0, I_dim) (‖ε‖ ≈ √dim)."""
     return [float(s) * step / math.sqrt(dim) for s in scales]
-
-
-# -- all diagnostics on one run -----------------------------------------------------------------
-def diagnose(
-    heldout: Objective,
-    train: Objective | None,
-    base: torch.Tensor,
-    branches: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    merged: torch.Tensor,
-    joint: torch.Tensor | None,
-    settings,
-    progress: bool = False,
-) -> dict:
-    """Every diagnostic of one run, on ``heldout``'s batches (``train``'s for the train loss).
-
-    ``settings`` is a :class:`merit.config.DiagnosticsConfig`. Returns plain data (JSON-ready):
-    ``losses``, ``barriers``, ``distances``, ``generalization``, ``perturbation``, ``gain``,
-    ``verdicts``, ``overall``, ``timings`` and the number of loss evaluations and HVPs.
-    """
-    import time
-
-    timings: dict[str, float] = {}
-    k = len(branches)
-    names = [f"branch {i}" for i in range(k)]
-    alphas = np.linspace(0.0, 1.0, settings.alphas).tolist()
-    inner = len(alphas) - 2
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    lines = len(pairs) + 1 + (joint is not None)
-    pert_models = 1 + (joint is not None)
-    n_scales = sum(1 for s in settings.perturbation_scales if s != 0)
-    total = (
-        k
-        + 2
-        + (joint is not None)
-        + lines * inner
-        + pert_models * n_scales * 2 * settings.perturbation_draws
-        + (2 + (joint is not None) if train is not None else 0)
-    )
-    bar = tqdm(total=total, desc="diagnose: loss evaluations", disable=not progress)
-
-    heldout.on_evaluation = lambda: bar.update(1)
-    if train is not None:
-        train.on_evaluation = heldout.on_evaluation
-
-    t = time.perf_counter()
-    losses = {"θ0": heldout.loss(base), "θ̄": heldout.loss(merged)}
-    for name, th in zip(names, branches):
-        losses[name] = heldout.loss(th)
-    if joint is not None:
-        losses["joint"] = heldout.loss(joint)
-    timings["losses"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    barriers = []
-    for i, j in pairs:
-        c = interpolation_curve(
-            heldout, branches[i], branches[j], alphas, losses[names[i]], losses[names[j]]
-        )
-        barriers.append(
-            {
-                "label": f"{names[i]} – {names[j]}",
-                "kind": "branches",
-                "a": names[i],
-                "b": names[j],
-                "ends": [losses[names[i]], losses[names[j]]],
-                **c,
-            }
-        )
-    c = interpolation_curve(heldout, base, merged, alphas, losses["θ0"], losses["θ̄"])
-    barriers.append(
-        {
-            "label": "θ0 – θ̄",
-            "kind": "base-merged",
-            "a": "θ0",
-            "b": "θ̄",
-            "ends": [losses["θ0"], losses["θ̄"]],
-            **c,
-        }
-    )
-    if joint is not None:
-        c = interpolation_curve(heldout, base, joint, alphas, losses["θ0"], losses["joint"])
-        barriers.append(
-            {
-                "label": "θ0 – joint",
-                "kind": "base-joint",
-                "a": "θ0",
-                "b": "joint",
-                "ends": [losses["θ0"], losses["joint"]],
-                **c,
-            }
-        )
-    timings["barriers"] = time.perf_counter() - t
-
-    models = {"merged": merged, **({"joint": joint} if joint is not None else {})}
-    dist = distances(base, {**models, **dict(zip(names, branches))})
-    dist_rec = {
-        "merged": dist["merged"],
-        "joint": dist.get("joint"),
-        "branches": [dist[n] for n in names],
-        "ratio_joint_merged": dist["joint"] / dist["merged"]
-        if joint is not None and dist["merged"]
-        else None,
-        "parameters": heldout.dim,
-    }
-
-    t = time.perf_counter()
-    gen: dict[str, dict] = {}
-    if train is not None:
-        for label, theta in (("base", base), ("merged", merged), ("joint", joint)):
-            if theta is None:
-                continue
-            held = {"base": losses["θ0"], "merged": losses["θ̄"], "joint": losses.get("joint")}[
-                label
-            ]
-            gen[label] = {"train": train.loss(theta), "heldout": held}
-    timings["generalization"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    step = dist["merged"]
-    sigmas = relative_sigmas(settings.perturbation_scales, step, heldout.dim)
-    positive = [i for i, s in enumerate(settings.perturbation_scales) if s > 0]
-    ref = (
-        min(positive, key=lambda i: abs(settings.perturbation_scales[i] - 1.0))
-        if positive
-        else None
-    )
-    pert = {
-        "scales": list(settings.perturbation_scales),
-        "sigmas": sigmas,
-        "step": step,
-        "reference_index": ref,
-        "merged": perturbation_curve(
-            heldout, merged, sigmas, settings.perturbation_draws, settings.seed, losses["θ̄"]
-        ),
-    }
-    if joint is not None:
-        pert["joint"] = perturbation_curve(
-            heldout, joint, sigmas, settings.perturbation_draws, settings.seed, losses["joint"]
-        )
-    timings["perturbation"] = time.perf_counter() - t
-    bar.close()
-    heldout.on_evaluation = None
-    if train is not None:
-        train.on_evaluation = None
-
-    t = time.perf_counter()
-    gain = merging_gain(
-        heldout,
-        base,
-        branches,
-        weights,
-        merged=merged,
-        branch_losses=[losses[n] for n in names],
-        merged_loss=losses["θ̄"],
-        lanczos_iters=settings.lanczos_iters if k > 1 else 0,
-        top=settings.top_eigen,
-        seed=settings.seed,
-        progress=progress,
-    )
-    timings["gain"] = time.perf_counter() - t
-    rec = {
-        "parameters": heldout.dim,
-        "losses": losses,
-        "barriers": barriers,
-        "distances": dist_rec,
-        "generalization": gen,
-        "perturbation": pert,
-        "gain": gain.as_dict(),
-        "evaluations": heldout.evaluations + (train.evaluations if train else 0),
-        "hvps": heldout.hvps,
-        "timings": timings,
-    }
-    th = Thresholds(
-        barrier=settings.barrier_tolerance,
-        flatness=settings.flatness_tolerance,
-        distance_ratio=settings.distance_ratio,
-        gain_agreement=settings.gain_agreement,
-    )
-    rec["verdicts"] = verdicts(rec, th)
-    rec["overall"] = overall(rec["verdicts"])
-    return rec

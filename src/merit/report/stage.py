@@ -21,23 +21,22 @@ def report(run: Run) -> Path:
     result = evaluate(run)  # trains and merges first
     diag = diagnose(run)
     t0 = time.perf_counter()
-    joint_m = run.paths.baseline("joint") / "manifest.json"
+    joint_m = run.paths.manifest(run.paths.baseline("joint"))
     merge_m = run.paths.merged / "merge_manifest.json"
-    timings_path = run.paths.root / "timings.json"
     rd = ReportData(
         title=f"merit report: {run.paths.root.resolve().name}",
         run_dir=str(run.paths.root),
         config=run.cfg.model_dump(mode="json"),
         data=read_json(run.paths.data) if run.paths.data.is_file() else None,
-        plan=plan,
-        branches=[read_json(run.paths.branch(g["id"]) / "manifest.json") for g in plan["groups"]],
+        plan=plan.to_json(),
+        branches=[read_json(run.paths.manifest(run.paths.branch(g.id))) for g in plan.groups],
         joint=read_json(joint_m) if joint_m.is_file() else None,
         merge=read_json(merge_m) if merge_m.is_file() else None,
-        evaluation=result["models"],
-        comparisons=result.get("comparisons", {}),
+        evaluation=result.models,
+        comparisons=result.comparisons,
         diagnostics=diag,
-        timings=read_json(timings_path) if timings_path.is_file() else {},
+        timings=read_json(run.paths.timings) if run.paths.timings.is_file() else {},
     )
-    html_path, _ = build_report(rd, run.paths.root / "report")
+    html_path, _ = build_report(rd, run.paths.report)
     record_timing(run, "report", time.perf_counter() - t0)
     return html_path

@@ -8,14 +8,11 @@ import torch
 
 from merit.diagnose.premises import (
     Objective,
-    Thresholds,
     interpolation_curve,
     lanczos,
     merging_gain,
-    overall,
     perturbation_curve,
     relative_sigmas,
-    verdicts,
 )
 
 
@@ -181,29 +178,3 @@ def test_relative_sigmas_give_the_requested_step_length():
     (s,) = relative_sigmas([2.0], step=3.0, dim=40_000)
     eps = torch.randn(40_000, generator=torch.Generator().manual_seed(0))
     assert float(torch.linalg.vector_norm(s * eps)) == pytest.approx(6.0, rel=0.02)
-
-
-def _diag(barrier: float, joint: float, rise: float, meas: float, pred: float) -> dict:
-    return {
-        "barriers": [{"kind": "branches", "label": "0–1", "barrier": barrier, "ends": [2.0, 2.0]}],
-        "distances": {"merged": 1.0, "joint": joint},
-        "perturbation": {
-            "reference_index": 1,
-            "merged": {"mean": [2.0, 2.0 * (1 + rise)], "loss": 2.0},
-        },
-        "generalization": {
-            "merged": {"train": 1.9, "heldout": 2.0},
-            "joint": {"train": 1.5, "heldout": 2.1},
-        },
-        "gain": {"measured": meas, "predicted": pred, "weights": [0.5, 0.5], "eigen_split": []},
-    }
-
-
-def test_verdicts_follow_the_thresholds():
-    good = verdicts(_diag(0.001, 2.6, 0.01, 0.02, 0.021), Thresholds())
-    assert [v["holds"] for v in good] == [True, True, True, True, True]
-    assert overall(good).startswith("θ0 is merge-ready")
-    bad = verdicts(_diag(0.5, 1.1, 0.3, 0.02, 0.05), Thresholds())
-    assert [v["holds"] for v in bad] == [False, False, False, True, False]
-    assert "barrier" in overall(bad) and "not merge-ready" in overall(bad)
-    assert all(v["why"] for v in bad)
