@@ -1,4 +1,4 @@
-"""Benchmark: K=2 branches in parallel vs one after another, and Ray's overhead (issue 4).
+"""Benchmark: K=2 branches in parallel vs one after another, and Ray's overhead.
 
     python bench/branches.py            # ~5 min on 2 CPU cores; prints the figures
 

@@ -1,4 +1,4 @@
-"""Benchmark: merit's held-out scoring vs the straightforward alternatives (issue 6).
+"""Benchmark: merit's held-out scoring vs the straightforward alternatives.
 
     python bench/evaluation.py [--datasets 32] [--bigbench ../shared/data/bigbench]
 
@@ -12,8 +12,8 @@ dataset, max length 256) four ways to score the same sequences are timed:
   positions;
 * merit without prompt sharing: every sequence whole, batched, sorted by length, logits only
   at answer positions;
-* batched, full logits: the same batches, the LM head over every position (merit before
-  issue 6);
+* batched, full logits: the same batches, the LM head over every position (merit's earlier
+  scoring);
 * one sequence at a time, full logits (what a per-example loop does).
 
 All four must agree (max |Δ log p| is printed). Reported: the time of each as a ratio to

@@ -1,4 +1,4 @@
-"""Benchmark: `merit merge` vs mergekit 0.1.5's linear merge vs the disk floor (issue 5).
+"""Benchmark: `merit merge` vs mergekit 0.1.5's linear merge vs the disk floor.
 
     python bench/merge.py            # builds/reuses everything it needs, prints the figures
 

@@ -11,6 +11,9 @@ import hashlib
 import json
 import mmap
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -20,13 +23,25 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of it."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to: renamed over ``path`` when the block ends
+    well, removed when it fails, so a reader sees the old file or the new one, never half of it.
+    The name is per process and thread: concurrent writers never clash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: writers never clash
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: dict, indent: int | None = 2) -> None:
+    """Write JSON atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
 def sha256_text(text: str) -> str:

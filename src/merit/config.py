@@ -312,7 +312,7 @@ class RuntimeConfig(_Section):
         "far less time in the kernel; see merit.lm.keep_freed_memory)",
     )
     cache_dir: str | None = Field(None, description="null = $MERIT_CACHE or ~/.cache/merit")
-    # Branch checkpoints and launchers (issue 4). Resume is exact, so none of these changes a
+    # Branch checkpoints and launchers. Resume is exact, so none of these changes a
     # result: they are "how", not "what".
     checkpoint_steps: int | None = Field(
         50, ge=1, description="checkpoint a branch every N optimizer steps; null = never"

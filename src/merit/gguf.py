@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from merit.artifacts import sha256_file
+from merit.artifacts import sha256_file, write_json
 from merit.fetch import FetchError, one_line, pypi_file
 
 GGUF_MAGIC = b"GGUF"
@@ -111,10 +111,7 @@ def _gguf_sha256(path: Path, memo_file: Path) -> str:
     memo[key] = {**stamp, "sha256": sha}
     # Written atomically; a lost update between two processes only costs a re-hash.
     with contextlib.suppress(OSError):
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
-        os.replace(tmp, memo_file)
+        write_json(memo_file, memo, indent=1)
     return sha
 
 

@@ -76,7 +76,7 @@ def keep_freed_memory() -> bool:
 
     On CPU, every training step allocates and frees the same large activation and gradient
     tensors. By default glibc serves each from a fresh ``mmap`` and unmaps it on free, so the
-    kernel zeroes and faults in every page again: measured here (issue 4), a branch spent 20% of
+    kernel zeroes and faults in every page again: measured here, a branch spent 20% of
     its time in the kernel, and two branches side by side slowed each other down through it.
     Keeping freed memory in the heap (up to glibc's 32 MiB mmap cap, never trimmed) makes that
     time vanish; the process's peak memory is unchanged. A no-op where glibc is absent.

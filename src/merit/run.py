@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from merit.artifacts import read_json, write_json
+from merit.artifacts import atomic_path, read_json, write_json
 from merit.config import (
     ConfigError,
     RunConfig,
@@ -102,9 +102,8 @@ class Run:
         self._check_experiment(add)
         self._check_writable()
         # Atomic: parallel branch commands open the same run directory at once.
-        tmp = self.paths.config.with_name(f".config.yaml.{os.getpid()}.tmp")
-        save_config(self.cfg, tmp)
-        os.replace(tmp, self.paths.config)
+        with atomic_path(self.paths.config) as tmp:
+            save_config(self.cfg, tmp)
         return self
 
     def _check_experiment(self, add: bool) -> None:

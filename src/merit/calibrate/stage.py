@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from merit.artifacts import Artifact, sha256_file
+from merit.artifacts import Artifact, atomic_path, sha256_file
 from merit.calibrate.sketch import (
     Calibration,
     SketchSpec,
@@ -211,10 +210,8 @@ def _write(run: Run, cal: dict, spec: dict, ids: dict, todo: list, kept) -> Cali
     # Inner products for planning, kept with the sketches: --add multiplies new rows only.
     counts = [len(cal[n].part_tokens) for n in names]
     tensors.update(_grams(tensors, names, counts, kept))
-    run.paths.sketches.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.paths.sketches.with_name(f".sketches.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, run.paths.sketches)
+    with atomic_path(run.paths.sketches) as tmp:
+        save_file(tensors, str(tmp))
     rec = CalibrationRecord(
         settings=run.cfg.settings("calibrate"),
         base_fingerprint=run.base_fingerprint,

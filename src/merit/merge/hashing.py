@@ -11,12 +11,11 @@ import hashlib
 import json
 import mmap
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from merit.artifacts import sha256_file
+from merit.artifacts import sha256_file, write_json
 
 CONFIG_FILE = "config.json"
 
@@ -66,10 +65,8 @@ class HashCache:
                 return
             self.root.mkdir(parents=True, exist_ok=True)
             entry = self._entry(kind, paths[0])
-            tmp = entry.with_name(f".{entry.name}.{secrets.token_hex(4)}")
             rec = {"paths": [str(p) for p in paths], "stat": stats, "sha256": digest}
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, entry)
+            write_json(entry, rec, indent=None)
         except OSError:
             pass  # a cache that cannot be written is just a cold cache
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from merit.artifacts import write_json
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: the branch checkpointed; re-run the same command
@@ -114,15 +116,7 @@ def run_local(
     on to the running branches, which checkpoint; then the launcher raises ``KeyboardInterrupt``
     for SIGINT or exits 75 for SIGTERM.
     """
-    pending = [j for j in jobs if not j.done()]
-    for j in jobs:
-        if j not in pending:
-            say(f"{j.label}: already trained, skipping")
-    states = {j.label: "queued" for j in jobs if j in pending}
-    states.update({j.label: "done" for j in jobs if j not in pending})
-    running: dict[str, tuple[Job, subprocess.Popen, float, int]] = {}
-    attempts: dict[str, int] = {}
-    results: list[JobResult] = []
+    pool = _LocalPool(jobs, thread_env(threads), retries, say)
     stop: list[int] = []
     previous = {}
     import threading
@@ -130,55 +124,19 @@ def run_local(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             previous[sig] = signal.signal(sig, lambda s, _f: stop.append(s))
-    env = thread_env(threads)
     last_line, last_time = "", 0.0
     try:
-        while pending or running:
-            while pending and len(running) < parallel and not stop:
-                job = pending.pop(0)
-                attempts[job.label] = attempts.get(job.label, 0) + 1
-                job.out_dir.mkdir(parents=True, exist_ok=True)
-                log = open(job.out_dir / "launch.log", "ab")  # noqa: SIM115 - the child keeps it
-                proc = subprocess.Popen(
-                    job.argv,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                )
-                log.close()
-                running[job.label] = (job, proc, time.perf_counter(), attempts[job.label])
-                states[job.label] = "running"
+        while pool.pending or pool.running:
+            while pool.pending and len(pool.running) < parallel and not stop:
+                pool.start(pool.pending.pop(0))
             if stop:
-                for _job, proc, _t, _a in running.values():
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)
-                for _job, proc, _t, _a in running.values():
-                    proc.wait()
+                pool.stop_all()
                 raise SystemExit(EXIT_PREEMPTED)
             time.sleep(0.05)
-            for label, (job, proc, t0, n) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[label]
-                if rc == EXIT_OK:
-                    states[label] = "done"
-                    results.append(JobResult(label, rc, n, time.perf_counter() - t0))
-                elif rc == EXIT_USAGE or n > retries:
-                    states[label] = f"failed (exit {rc})"
-                    tail = _tail(job.out_dir / "launch.log")
-                    raise LaunchError(
-                        f"{label} failed with exit code {rc} after {n} attempt(s):\n{tail}"
-                    )
-                else:
-                    why = "preempted" if rc == EXIT_PREEMPTED else f"crashed (exit {rc})"
-                    say(f"{label}: {why}; re-running (attempt {n + 1} of {retries + 1})")
-                    states[label] = "queued"
-                    pending.insert(0, job)
+            pool.reap()
             now = time.perf_counter()
             if now - last_time >= poll:
-                line = progress_line(jobs, states)
+                line = progress_line(jobs, pool.states)
                 if line != last_line:
                     say(line)
                     last_line = line
@@ -186,8 +144,68 @@ def run_local(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    say(progress_line(jobs, states))
-    return results
+    say(progress_line(jobs, pool.states))
+    return pool.results
+
+
+class _LocalPool:
+    """The local launcher's jobs: queued, running (one subprocess each), done."""
+
+    def __init__(self, jobs: Sequence[Job], env: dict, retries: int, say) -> None:
+        self.pending = [j for j in jobs if not j.done()]
+        for j in jobs:
+            if j not in self.pending:
+                say(f"{j.label}: already trained, skipping")
+        self.states = {j.label: "queued" if j in self.pending else "done" for j in jobs}
+        self.running: dict[str, tuple[Job, subprocess.Popen, float, int]] = {}
+        self.attempts: dict[str, int] = {}
+        self.results: list[JobResult] = []
+        self.env, self.retries, self.say = env, retries, say
+
+    def start(self, job: Job) -> None:
+        self.attempts[job.label] = n = self.attempts.get(job.label, 0) + 1
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(job.out_dir / "launch.log", "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            job.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        self.running[job.label] = (job, proc, time.perf_counter(), n)
+        self.states[job.label] = "running"
+
+    def stop_all(self) -> None:
+        """Pass SIGTERM on: every running branch checkpoints and exits."""
+        for _job, proc, _t, _a in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _job, proc, _t, _a in self.running.values():
+            proc.wait()
+
+    def reap(self) -> None:
+        """Collect finished subprocesses: done, re-queued (preempted or crashed), or failed."""
+        for label, (job, proc, t0, n) in list(self.running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del self.running[label]
+            if rc == EXIT_OK:
+                self.states[label] = "done"
+                self.results.append(JobResult(label, rc, n, time.perf_counter() - t0))
+            elif rc == EXIT_USAGE or n > self.retries:
+                self.states[label] = f"failed (exit {rc})"
+                tail = _tail(job.out_dir / "launch.log")
+                raise LaunchError(
+                    f"{label} failed with exit code {rc} after {n} attempt(s):\n{tail}"
+                )
+            else:
+                why = "preempted" if rc == EXIT_PREEMPTED else f"crashed (exit {rc})"
+                self.say(f"{label}: {why}; re-running (attempt {n + 1} of {self.retries + 1})")
+                self.states[label] = "queued"
+                self.pending.insert(0, job)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -210,9 +228,7 @@ def _ray_branch(argv: list[str], out_dir: str, env: dict[str, str], cwd: str) ->
     out.mkdir(parents=True, exist_ok=True)
     ctx = ray.get_runtime_context()
     info = {"node_id": ctx.get_node_id(), "pid": os.getpid(), "started": time.time()}
-    tmp = out / f".{LAUNCH_FILE}.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, out / LAUNCH_FILE)
+    write_json(out / LAUNCH_FILE, info, indent=None)
     with open(out / "launch.log", "ab") as log:
         proc = subprocess.run(
             argv,

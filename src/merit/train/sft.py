@@ -411,18 +411,9 @@ def train_sft(
         checkpoint_steps=checkpoint_steps,
         keep_checkpoints=keep_checkpoints,
     )
-    resume, dropped = None, []
-    tokens_start = 0
-    if checkpoint_steps:
-        found, skipped = newest_valid_checkpoint(trainer_dir, run_key)
-        for ckpt, why in skipped:
-            say(f"{label}: {ckpt.name} is not usable ({why}); falling back to an older one")
-            dropped.append(ckpt.name)
-            shutil.rmtree(ckpt, ignore_errors=True)
-        if found is not None:
-            resume, marker = found
-            tokens_start = int(marker["tokens_seen"])
-            say(f"{label}: resuming from {resume.name} (step {marker['step']})")
+    resume, tokens_start, dropped = (
+        _resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
+    )
     if cfg.lora is not None:
         from merit.train.lora import wrap_lora
 
@@ -453,6 +444,28 @@ def train_sft(
         raise Preempted(state.global_step, trainer_dir / f"checkpoint-{state.global_step}")
     _save_final(trainer, tokenizer, out_dir, dtype, save_dtype, lora=cfg.lora is not None)
     callback._progress(state, "trained", force=True)
+    return _result(state, records, order, callback.tokens_seen, resume, dropped)
+
+
+def _resume_point(
+    trainer_dir: Path, run_key: str, label: str, say: Callable[[str], None]
+) -> tuple[Path | None, int, list[str]]:
+    """The newest sealed checkpoint of this job (and the tokens it had seen); unusable newer
+    ones are deleted and named."""
+    found, skipped = newest_valid_checkpoint(trainer_dir, run_key)
+    dropped = []
+    for ckpt, why in skipped:
+        say(f"{label}: {ckpt.name} is not usable ({why}); falling back to an older one")
+        dropped.append(ckpt.name)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if found is None:
+        return None, 0, dropped
+    resume, marker = found
+    say(f"{label}: resuming from {resume.name} (step {marker['step']})")
+    return resume, int(marker["tokens_seen"]), dropped
+
+
+def _result(state, records, order, tokens_seen: int, resume, dropped) -> TrainResult:
     losses = [(int(h["step"]), float(h["loss"])) for h in state.log_history if "loss" in h]
     return TrainResult(
         steps=int(state.global_step),
@@ -461,7 +474,7 @@ def train_sft(
         answer_tokens=sum(r.answer_tokens for r in records),
         losses=losses,
         final_loss=losses[-1][1] if losses else None,
-        tokens_seen=callback.tokens_seen,
+        tokens_seen=tokens_seen,
         tokens_scheduled=sum(len(records[i].input_ids) for i in order),
         resumed_from=int(resume.name.split("-")[1]) if resume else None,
         dropped_checkpoints=dropped,

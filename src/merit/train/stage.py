@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from merit.artifacts import Artifact, read_json, sha256_file
+from merit.artifacts import Artifact, atomic_path, read_json, sha256_file
 from merit.plan.stage import Plan, make_plan, plan_hash
 from merit.run import Run, RunPaths, StageError
 
@@ -308,11 +308,8 @@ def _write_launch_config(run: Run) -> None:
     """The resolved config the branch commands read (atomically: branches may be reading it)."""
     from merit.config import save_config
 
-    path = run.paths.launch_config
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".launch.yaml.{os.getpid()}.tmp")
-    save_config(run.cfg, tmp)
-    os.replace(tmp, path)
+    with atomic_path(run.paths.launch_config) as tmp:
+        save_config(run.cfg, tmp)
 
 
 def branch_commands(run: Run, kind: str) -> str:
