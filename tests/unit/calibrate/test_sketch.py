@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_lm import TinyLM, examples
 
 from merit.calibrate.sketch import CountSketch, SketchSpec, mean_gradient_sketch
 from merit.lm import IGNORE, Encoded, trainable_parameters
@@ -160,30 +161,11 @@ def test_mean_gradient_sketch_matches_exact_gradient():
 
 def _tiny_lm(seed=0, vocab=13):
     torch.manual_seed(seed)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(vocab, 8)
-            self.mid = torch.nn.Linear(8, 8)
-            self.out = torch.nn.Linear(8, vocab)
-
-        def forward(self, input_ids, attention_mask=None):
-            h = torch.tanh(self.mid(self.emb(input_ids)))
-            return type("O", (), {"logits": self.out(h)})()
-
-    return Tiny()
+    return TinyLM(vocab=vocab)
 
 
 def _examples(n=10, seed=0, vocab=13):
-    rng = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(4, 9, (1,), generator=rng))
-        ids = torch.randint(1, vocab, (length,), generator=rng).tolist()
-        cut = int(torch.randint(1, length - 1, (1,), generator=rng))
-        out.append(Encoded(ids, [IGNORE] * cut + ids[cut:]))
-    return out
+    return examples(n, vocab=vocab, seed=seed)
 
 
 def test_streaming_equals_accumulate_and_parts_average_to_the_sketch():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_lm import TinyLM, examples
 
 from merit.calibrate import memory
 from merit.calibrate.sketch import (
@@ -15,42 +16,19 @@ from merit.calibrate.sketch import (
     mean_gradient_sketch,
     resolve_streaming,
 )
-from merit.lm import IGNORE, Encoded, trainable_parameters
-
-
-class _Tiny(torch.nn.Module):
-    def __init__(self, vocab=13, width=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, width)
-        self.mid = torch.nn.Linear(width, width)
-        self.out = torch.nn.Linear(width, vocab)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = torch.tanh(self.mid(self.emb(input_ids)))
-        return type("O", (), {"logits": self.out(h)})()
-
-
-def _examples(n=9, vocab=13, seed=0):
-    rng = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(4, 9, (1,), generator=rng))
-        ids = torch.randint(1, vocab, (length,), generator=rng).tolist()
-        cut = int(torch.randint(1, length - 1, (1,), generator=rng))
-        out.append(Encoded(ids, [IGNORE] * cut + ids[cut:]))
-    return out
+from merit.lm import trainable_parameters
 
 
 def test_accumulate_bytes_is_an_fp32_gradient_plus_the_largest_parameter():
-    model = _Tiny()
+    model = TinyLM()
     sizes = [p.numel() for _, p in trainable_parameters(model)]
     assert accumulate_bytes(model) == 4 * (sum(sizes) + max(sizes))
     # bf16 weights still count 4 bytes an element: the budget is the fp32 gradient's.
-    assert accumulate_bytes(_Tiny().to(torch.bfloat16)) == accumulate_bytes(model)
+    assert accumulate_bytes(TinyLM().to(torch.bfloat16)) == accumulate_bytes(model)
 
 
 def test_auto_accumulates_only_when_the_gradient_fits_in_half_the_free_memory():
-    model = _Tiny()
+    model = TinyLM()
     need = accumulate_bytes(model)
     assert ACCUMULATE_SHARE == 0.5
     fits = math.ceil(need / ACCUMULATE_SHARE)
@@ -68,15 +46,15 @@ def test_auto_accumulates_only_when_the_gradient_fits_in_half_the_free_memory():
 
 def test_auto_streams_when_free_memory_is_unknown(monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device: None)
-    assert resolve_streaming("auto", _Tiny()) is True
+    assert resolve_streaming("auto", TinyLM()) is True
     monkeypatch.setattr(memory, "free_memory", lambda device: 10**12)
-    assert resolve_streaming("auto", _Tiny()) is False
+    assert resolve_streaming("auto", TinyLM()) is False
 
 
 @pytest.mark.parametrize(("free", "mode"), [(10**12, "accumulate"), (1, "stream")])
 def test_calibrate_model_records_the_mode_it_chose(monkeypatch, free, mode):
     monkeypatch.setattr(memory, "free_memory", lambda device: free)
-    model, ex = _Tiny(), _examples()
+    model, ex = TinyLM(), examples()
     cal = calibrate_model(
         model, {"a": ex[:5], "b": ex[5:]}, SketchSpec(1024, 0), 2, 0, progress=False, parts=2
     )
@@ -88,7 +66,7 @@ def test_calibrate_model_records_the_mode_it_chose(monkeypatch, free, mode):
 def test_streamed_sq_norm_estimates_the_exact_one():
     """|g|² of the mean gradient cannot be exact when streamed (``GradientStream``): the estimate
     |S g|² must be within the sketch's error of the accumulate path's exact value, and say so."""
-    model, ex = _Tiny(width=16), _examples(12)
+    model, ex = TinyLM(width=16), examples(12)
     dim = 2**14
     args = (model, ex, CountSketch(SketchSpec(dim, 3)), 3, 0)
     parts = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]

@@ -32,16 +32,6 @@ from merit.merge.streaming import MergeOptions, merge_checkpoints, plan_merge
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    return save_model(tmp_path / "base")
-
-
-@pytest.fixture
-def branches(tmp_path: Path) -> list[Path]:
-    return [save_model(tmp_path / f"branch{k}", seed=k + 1) for k in range(3)]
-
-
-@pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks far smaller than the tensors (and not dividing them): chunk edges are exercised."""
     monkeypatch.setattr(arithmetic, "_CHUNK", 37)

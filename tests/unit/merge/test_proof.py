@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from merge_models import UP, read_tensors, rewrite, save_model, sha256
+from merge_models import UP, read_tensors, rewrite, sha256
 
 from merit.lm import fingerprint
 from merit.merge import hashing
@@ -16,16 +16,6 @@ from merit.merge.hashing import HashCache, cached_sha256
 from merit.merge.manifest import MANIFEST_FILE, MergeManifest
 from merit.merge.streaming import merge_checkpoints
 from merit.merge.verify import verify_merge
-
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    return save_model(tmp_path / "base")
-
-
-@pytest.fixture
-def branches(tmp_path: Path) -> list[Path]:
-    return [save_model(tmp_path / f"branch{k}", seed=k + 1) for k in range(3)]
 
 
 # -- proof --------------------------------------------------------------------------------------
