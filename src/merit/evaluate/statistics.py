@@ -187,14 +187,19 @@ def _fmt(value, ci, pct: bool) -> str:
     return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _ci_tag(summaries: Mapping[str, dict]) -> str:
+    """ " (95% CI)" for a column header, from the summaries' confidence ("" without intervals)."""
+    conf = next((s.get("confidence") for s in summaries.values() if s.get("confidence")), None)
+    return f" ({100 * conf:.0f}% CI)" if conf else ""
+
+
 def markdown_table(summaries: Mapping[str, dict], labels: Mapping[str, str] | None = None) -> str:
     """Models × (held-out NLL, accuracy) averaged over datasets, with intervals when known.
 
     ``summaries`` maps a model key to its summary (``with_intervals``); a row shows the key's
     display label from ``labels`` (default: the key).
     """
-    conf = next((s.get("confidence") for s in summaries.values() if s.get("confidence")), None)
-    tag = f" ({100 * conf:.0f}% CI)" if conf else ""
+    tag = _ci_tag(summaries)
     lines = [
         f"| model | held-out NLL ↓{tag} | accuracy ↑{tag} | datasets |",
         "|---|---:|---:|---:|",
@@ -211,8 +216,7 @@ def unseen_table(
 ) -> str:
     """Models × (NLL, accuracy) on held-out examples of the training tasks and on whole tasks
     kept out of training, each averaged over datasets, with intervals when known."""
-    conf = next((s.get("confidence") for s in seen.values() if s.get("confidence")), None)
-    tag = f" ({100 * conf:.0f}% CI)" if conf else ""
+    tag = _ci_tag(seen)
     lines = [
         f"| model | held-out NLL ↓{tag} | held-out acc ↑ | unseen-task NLL ↓{tag} | unseen-task acc ↑ |",
         "|---|---:|---:|---:|---:|",
