@@ -247,36 +247,3 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
             seen.add(id(p))
             out.append((name, p))
     return out
-
-
-# -- distances between checkpoints ------------------------------------------------------------------
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(Path(model_dir).glob(f"*{WEIGHT_SUFFIX}")):
-        with safe_open(str(f), "pt") as fh:
-            out.update(dict.fromkeys(fh.keys(), f))
-    return out
-
-
-def distances_from(base_dir: Path, model_dirs: Sequence[Path]) -> list[float]:
-    """‖θ − θ0‖ (fp64, over θ0's floating-point tensors) of each model, read tensor by tensor so
-    that no whole model is in memory."""
-    from safetensors import safe_open
-
-    base = _tensor_files(base_dir)
-    others = [_tensor_files(d) for d in model_dirs]
-    sq = [0.0] * len(model_dirs)
-    for name, f in base.items():
-        with safe_open(str(f), "pt") as fh:
-            t0 = fh.get_tensor(name)
-        if not t0.is_floating_point():
-            continue
-        for i, files in enumerate(others):
-            if name not in files:
-                raise ValueError(f"{model_dirs[i]}: no tensor {name} (θ0 has it)")
-            with safe_open(str(files[name]), "pt") as fh:
-                d = fh.get_tensor(name).double() - t0.double()
-            sq[i] += float(d.pow(2).sum())
-    return [s**0.5 for s in sq]

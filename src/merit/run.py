@@ -26,7 +26,6 @@ from merit.lm import (
     Encoded,
     apply_runtime,
     cache_dir,
-    check_model_path,
     fingerprint,
     load_model,
     load_tokenizer,
@@ -147,8 +146,7 @@ class Run:
 
     def validate(self) -> None:
         """Checks that need the data but no model: run before anything is written or trained."""
-        check_model_path(self.cfg.model.path)
-        if not self.is_demo:  # find (download, convert) θ0 now; the demo's is trained later
+        if not self.is_demo:  # find (check, download, convert) θ0 now; the demo's is trained later
             _ = self.base_dir
         if self.cfg.runtime.launcher == "ray" and not _installed("ray"):
             raise ConfigError(
@@ -166,23 +164,21 @@ class Run:
 
     def reuse(self, stage: str, recorded: dict | None, what: str, inputs_ok: bool = True) -> bool:
         """Whether ``stage``'s artifact ``what``, made with the settings ``recorded`` (None: no
-        artifact), is reused; says so, or why the stage runs again."""
-        said = self.__dict__.setdefault("_said", set())
-        if (stage, what) in said:  # decided earlier in this process: the artifact is current
-            return recorded is not None
-        said.add((stage, what))
+        artifact), is reused; says so, or why the stage runs again (once per process: stages
+        call the stages they need, so one stage is asked many times)."""
         if recorded is None:
-            self.say(f"{stage}: computing {what}")
-            return False
-        changed = changed_keys(recorded, self.cfg.settings(stage))
-        if changed:
-            self.say(f"{stage}: re-running ({', '.join(changed)} changed)")
-            return False
-        if not inputs_ok:
-            self.say(f"{stage}: re-running (its inputs changed upstream)")
-            return False
-        self.say(f"{stage}: reusing {what}")
-        return True
+            why = f"computing {what}"
+        elif changed := changed_keys(recorded, self.cfg.settings(stage)):
+            why = f"re-running ({', '.join(changed)} changed)"
+        elif not inputs_ok:
+            why = "re-running (its inputs changed upstream)"
+        else:
+            why = f"reusing {what}"
+        said = self.__dict__.setdefault("_said", set())
+        if (stage, what) not in said:
+            said.add((stage, what))
+            self.say(f"{stage}: {why}")
+        return why.startswith("reusing")
 
     @cached_property
     def bigbench_dir(self) -> Path | None:

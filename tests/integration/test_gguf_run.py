@@ -120,3 +120,9 @@ def test_unseen_tasks_and_shrinkage_control(gguf_run, mixture_specs):
     assert shrink_dist < (tj[name].double() - t0[name].double()).norm()
     table = (run / "eval" / "results.md").read_text()
     assert "unseen-task NLL" in table and "θ0 + " in table
+    # A second evaluation reuses the control: nothing is merged or scored again.
+    made = (run / "controls" / "shrink" / "merge_manifest.json").stat().st_mtime_ns
+    scored = (run / "eval" / "shrink.json").stat().st_mtime_ns
+    assert main(["evaluate", str(gguf_run["cfg"])]) == 0
+    assert (run / "controls" / "shrink" / "merge_manifest.json").stat().st_mtime_ns == made
+    assert (run / "eval" / "shrink.json").stat().st_mtime_ns == scored

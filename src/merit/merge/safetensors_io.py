@@ -271,3 +271,32 @@ class ShardWriter:
     def abort(self) -> None:
         self.error = self.error or RuntimeError("aborted")
         self._stop()
+
+
+def distances_from(base_dir: Path, model_dirs: list[Path]) -> list[float]:
+    """‖θ − θ0‖ (fp64, over θ0's floating-point tensors) of each model, read tensor by tensor so
+    that no whole model is in memory."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    base = checkpoint_tensors(base_dir)
+    others = [checkpoint_tensors(d) for d in model_dirs]
+    sq = [0.0] * len(model_dirs)
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(file: Path, name: str) -> torch.Tensor:
+            if file not in handles:  # each file opened once
+                handles[file] = stack.enter_context(safe_open(str(file), "pt"))
+            return handles[file].get_tensor(name)
+
+        for name, f in base.items():
+            t0 = read(f, name)
+            if not t0.is_floating_point():
+                continue
+            for i, files in enumerate(others):
+                if name not in files:
+                    raise MergeError(f"{model_dirs[i]}: no tensor {name} (θ0 has it)")
+                sq[i] += float((read(files[name], name).double() - t0.double()).pow(2).sum())
+    return [s**0.5 for s in sq]

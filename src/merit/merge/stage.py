@@ -63,12 +63,17 @@ def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
     return problems
 
 
-def _inputs(run: Run, plan: Plan) -> dict[str, str]:
-    """What the merge is of: the plan and every branch manifest (by sha256)."""
-    files = [run.paths.plan] + [RunPaths.manifest(run.paths.branch(g.id)) for g in plan.groups]
+def _digests(run: Run, files: list[Path]) -> dict[str, str]:
+    """sha256 of each file ("" where missing), keyed by its path in the run directory."""
     return {
         str(f.relative_to(run.paths.root)): sha256_file(f) if f.is_file() else "" for f in files
     }
+
+
+def _inputs(run: Run, plan: Plan) -> dict[str, str]:
+    """What the merge is of: the plan and every branch manifest (by sha256)."""
+    files = [run.paths.plan] + [RunPaths.manifest(run.paths.branch(g.id)) for g in plan.groups]
+    return _digests(run, files)
 
 
 def merge(run: Run) -> MergeManifest:
@@ -82,7 +87,8 @@ def merge(run: Run) -> MergeManifest:
         else None
     )
     meta = old.metadata if old is not None else None
-    ok = meta is not None and meta.get("inputs") == _inputs(run, plan)
+    inputs = _inputs(run, plan)
+    ok = meta is not None and meta.get("inputs") == inputs
     if run.reuse("merge", meta and meta.get("settings"), "merged model", ok):
         return old
     dirs = verify_branches(run, plan)
@@ -100,7 +106,7 @@ def merge(run: Run) -> MergeManifest:
             max_shard_bytes=run.cfg.merging.max_shard_bytes,
             metadata={
                 "settings": run.cfg.settings("merge"),
-                "inputs": _inputs(run, plan),
+                "inputs": inputs,
                 "plan_sha256": plan_hash(run),
                 "base_fingerprint": run.base_fingerprint,
                 "weights_from": "plan tokens N_k / Σ N_j",
@@ -127,7 +133,7 @@ def shrinkage_control(run: Run) -> dict:
     model moves joint training's way by as much as the merge moved, with no split at all, so it
     tells how much of the merge's difference from joint training is that shrinkage alone.
     """
-    from merit.lm import distances_from
+    from merit.merge.safetensors_io import distances_from
     from merit.merge.streaming import merge_checkpoints
 
     merge(run)
@@ -135,17 +141,9 @@ def shrinkage_control(run: Run) -> dict:
     if not RunPaths.manifest(joint.parent).is_file():
         raise StageError("the shrinkage control needs the joint baseline (training.baselines)")
     out, mp = run.paths.shrink, run.paths.shrink / MANIFEST_FILE
-    inputs = {
-        f: sha256_file(run.paths.root / f)
-        for f in ("merged/" + MANIFEST_FILE, "baselines/joint/manifest.json")
-    }
-    meta = read_json(mp).get("metadata", {}) if mp.is_file() else None
-    if run.reuse(
-        "shrink",
-        meta and {},
-        "shrinkage control",
-        meta is not None and meta.get("inputs") == inputs,
-    ):
+    inputs = _digests(run, [run.paths.merged / MANIFEST_FILE, RunPaths.manifest(joint.parent)])
+    meta = MergeManifest.load(out).metadata if mp.is_file() else None
+    if meta is not None and meta.get("inputs") == inputs:  # made from this merge and joint model
         return meta
     merged_d, joint_d = distances_from(run.base_dir, [run.paths.merged, joint])
     alpha = merged_d / joint_d if joint_d > 0 else 0.0
