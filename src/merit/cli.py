@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": "held-out NLL/accuracy of θ0, joint, merged and branches",
         "diagnose": "is θ0 merge-ready? barriers, distances, flatness, gain vs theory",
         "report": "one self-contained HTML page (and Markdown) of the whole run",
+        "compare": "the paper's table with its controls: joint (1/2 epochs, best LR), shrinkage, "
+        "random split, soup, MERIT-1D/2D/3D, gain planner; one run directory per row",
     }
     for name, help_ in cmds.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -252,6 +254,10 @@ def _dispatch(args: argparse.Namespace, run) -> int:
     elif cmd == "diagnose":
         print(diagnose.diagnostics_summary(diagnose.diagnose(run)))
         print(f"diagnostics -> {run.paths.root / 'diagnostics'}")
+    elif cmd == "compare":
+        from merit.compare.stage import compare_command
+
+        compare_command(run)
     elif cmd == "report":
         page = report.report(run)
         print(f"report -> {page} (and {page.with_name('report.md')})")
@@ -280,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     from merit.train.sft import Preempted
 
     try:
-        run = Run(_load(args)).open(add=getattr(args, "add", False))
+        run = Run(_load(args))
+        if args.command == "compare":  # every row checked before anything is written
+            from merit.compare.stage import check
+
+            check(run)
+        run.open(add=getattr(args, "add", False))
         return _dispatch(args, run)
     except _errors() as err:
         print(f"merit: error: {err}", file=sys.stderr)

@@ -67,7 +67,23 @@ class SplitConfig(_Section):
     eval: int = Field(50, ge=1, description="held-out examples per dataset (at most 1/5 of it)")
     calibration: int = Field(200, ge=1, description="calibration examples (at most 1/5 of it)")
     train: int | None = Field(None, ge=1, description="train examples per dataset; null = the rest")
+    validation: int = Field(
+        0,
+        ge=0,
+        description="examples per dataset carved from the training examples and never trained "
+        "on: where `merit compare` chooses joint training's learning rate and the shrinkage "
+        "control's α (never on the eval split)",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _validation_fits(self) -> SplitConfig:
+        if self.train is not None and self.validation >= self.train:
+            raise ValueError(
+                f"validation={self.validation} is carved from the {self.train} training examples "
+                "per dataset and must be smaller"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -92,13 +108,24 @@ class DataConfig(_Section):
         "for θ0 — and evaluated as unseen tasks: the N with the smallest sha256 of "
         "'unseen:<split.seed>:<name>'",
     )
+    unseen_datasets: list[DatasetSpec] = Field(
+        default_factory=list,
+        description="whole datasets evaluated as unseen tasks besides `unseen`'s; they must share "
+        "no name, file or example with the training datasets",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
     def _some_data(self) -> DataConfig:
         if not self.datasets and not self.bigbench:
             raise ValueError("no datasets: give data.datasets or data.bigbench")
-        names = [d.name for d in self.datasets]
+        both = sorted({d.name for d in self.datasets} & {d.name for d in self.unseen_datasets})
+        if both:
+            raise ValueError(
+                f"unseen tasks overlap the training tasks: {', '.join(both)} is in both "
+                "data.datasets and data.unseen_datasets"
+            )
+        names = [d.name for d in self.datasets + self.unseen_datasets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"two datasets have the same name: {', '.join(dupes)}")
@@ -298,6 +325,68 @@ class DiagnosticsConfig(_Section):
     gain_agreement: float = Field(0.5, gt=0, description="|predicted − measured| / |measured|")
 
 
+COMPARE_ROWS = (
+    "base",
+    "joint",
+    "joint-2ep",
+    "joint-lr",
+    "shrink",
+    "random",
+    "soup",
+    "merit-1d",
+    "merit-2d",
+    "merit-3d",
+    "gain",
+)
+
+
+class CompareConfig(_Section):
+    """``merit compare``: the paper's table (§5) with its controls, every row at one token budget.
+
+    Rows: θ0; joint training for 1 and 2 epochs; joint training at the learning rate best on the
+    validation split; the shrinkage control θ0 + α(θ_joint − θ0) with α best on the validation
+    split; random splits; a uniform soup of joint runs with other seeds; MERIT-rD (K = 2^r, the
+    paper's median splits) and the gain planner. Nothing is chosen on the eval split or the
+    unseen tasks.
+    """
+
+    rows: list[Literal[COMPARE_ROWS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(COMPARE_ROWS), description="which rows, in table order"
+    )
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="seeds of data order, random splits and soups; null = [training.seed]",
+    )
+    learning_rates: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0],
+        min_length=1,
+        description="joint-lr: multiples of training.learning_rate tried (1 = the joint row)",
+    )
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        min_length=1,
+        description="shrink: the α grid for θ0 + α(θ_joint − θ0)",
+    )
+    random_k: int = Field(4, ge=2, description="random: K of the random balanced split")
+    random_draws: int = Field(3, ge=1, description="random: splits drawn per seed")
+    soup_runs: int = Field(
+        4, ge=2, description="soup: joint runs with other seeds, each 1/soup_runs of the budget"
+    )
+    gain_k: int = Field(4, ge=2, description="gain: K of merit's gain planner")
+    train_loss_examples: int = Field(
+        64, ge=1, description="train examples for the train-loss gap (diagnostics)"
+    )
+
+    @model_validator(mode="after")
+    def _grids(self) -> CompareConfig:
+        if any(a <= 0 or a > 1.5 for a in self.alphas):
+            raise ValueError("alphas must lie in (0, 1.5]")
+        if any(m <= 0 for m in self.learning_rates):
+            raise ValueError("learning_rates are positive multiples")
+        return self
+
+
 class RuntimeConfig(_Section):
     """How to run; never changes results, so no stage's artifacts depend on it."""
 
@@ -342,6 +431,7 @@ class RunConfig(_Section):
     merging: MergingConfig = Field(default_factory=MergingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def settings(self, stage: str) -> dict[str, Any]:
@@ -377,8 +467,9 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "diagnose": ("seed", "model", "data", "diagnostics"),
 }
 EXPERIMENT = _TRAINED
-# Settings inside "what" sections that only change how fast a stage runs, never its result.
-_HOW: dict[str, Any] = {"calibration": {"streaming"}}
+# Settings inside "what" sections that only change how fast a stage runs, or which jobs run,
+# never what any job computes: a joint baseline added later leaves the branches valid.
+_HOW: dict[str, Any] = {"calibration": {"streaming"}, "training": {"baselines"}}
 
 
 def changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -478,7 +569,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
     if base_dir is not None:
-        for spec in cfg.data.datasets:
+        for spec in cfg.data.datasets + cfg.data.unseen_datasets:
             p = Path(spec.path).expanduser()
             if not p.is_absolute() and not (base_dir / p).exists() and p.exists():
                 continue  # relative to the working directory, as the user typed it

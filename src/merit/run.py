@@ -241,6 +241,18 @@ class Run:
             }
         return cache[split]
 
+    def sample(self, split: str, n: int | None, seed: int) -> list[Encoded]:
+        """``n`` tokenized examples of ``split`` spread over datasets (all when ``n`` is None).
+        Sampled first, tokenized after: the train split of 256 datasets is large."""
+        from merit.diagnose.premises import stratified_sample
+
+        raw = {d.name: d.examples(split) for d in self.mixture.datasets}
+        if n is not None:
+            raw = {"": stratified_sample(raw, n, seed)}
+        return [
+            e for v in raw.values() for e in encode(self.tokenizer, v, self.cfg.model.max_length)
+        ]
+
     def timed(self, name: str):
         run = self
 

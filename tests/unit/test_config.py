@@ -114,6 +114,12 @@ def test_stage_settings_are_scoped(tmp_path):
     assert a.settings_hash("calibrate") == load_config(
         p, ["calibration.streaming=false"]
     ).settings_hash("calibrate")
+    # Which baselines run beside the branches is not what any of them computes.
+    nb = load_config(p, ["training.baselines=[]"])
+    assert a.settings_hash("train") == nb.settings_hash("train") and not experiment_changes(a, nb)
+    # What `merit compare` runs is read by no stage.
+    cmp = load_config(p, ["compare.rows=[base, joint]", "compare.seeds=[0, 1]"])
+    assert all(a.settings_hash(s) == cmp.settings_hash(s) for s in STAGE_SETTINGS)
 
 
 def test_default_valued_settings_change_no_hash(tmp_path):

@@ -8,6 +8,7 @@ the prompt and the answer are rendered by the model's chat template, and only th
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class Mixture:
     datasets: list[MixtureDataset] = field(default_factory=list)
     # Whole tasks kept out of training: only their eval examples are ever read.
     unseen: list[MixtureDataset] = field(default_factory=list)
+    # Training datasets left out because they share examples with a task `data.unseen` picked
+    # (BIG-bench subtasks of one family may hold the same examples).
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -51,12 +55,13 @@ class Mixture:
 
 
 def split_indices(n: int, name: str, cfg: SplitConfig, base: int = 0) -> dict[str, list[int]]:
-    """Disjoint eval / calibration / base / train indices for a dataset of ``n`` examples.
+    """Disjoint eval / calibration / base / validation / train indices for ``n`` examples.
 
     The permutation is seeded by (seed, dataset name) only, so a dataset's split does not depend
     on which other datasets are in the mixture. Eval and calibration take at most 1/5 of the
     examples each; ``base`` examples are reserved for building the demo θ0 and never trained on
-    or evaluated by the run itself.
+    or evaluated by the run itself; ``validation`` examples are taken out of the training ones
+    (to choose hyperparameters without touching eval) and never trained on.
     """
     order = list(range(n))
     random.Random(f"{cfg.seed}/{name}").shuffle(order)
@@ -67,15 +72,24 @@ def split_indices(n: int, name: str, cfg: SplitConfig, base: int = 0) -> dict[st
     rest = order[cuts[2] :]
     if cfg.train is not None:
         rest = rest[: cfg.train]
-    out = {
+    if not rest:
+        raise DataError(f"{name}: {n} examples leave none for training")
+    v = cfg.validation
+    if v and v >= len(rest):
+        raise DataError(
+            f"{name}: data.split.validation={v} is not smaller than its {len(rest)} training "
+            "examples"
+        )
+    # Validation is carved from the front of the (shuffled) training candidates, after the
+    # `train` cap, so validation=0 leaves every other split exactly as before and
+    # validation ∪ train is always the training set a run without validation would use.
+    return {
         "eval": sorted(order[: cuts[0]]),
         "calibration": sorted(order[cuts[0] : cuts[1]]),
         "base": sorted(order[cuts[1] : cuts[2]]),
-        "train": sorted(rest),
+        "validation": sorted(rest[:v]),
+        "train": sorted(rest[v:]),
     }
-    if not out["train"]:
-        raise DataError(f"{name}: {n} examples leave none for training")
-    return out
 
 
 def file_sha256(path: str | Path) -> str:
@@ -99,13 +113,16 @@ def dataset_sources(
 ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     """(name, path, format) of the training datasets and of the unseen ones (disjoint)."""
     sources = [(d.name, d.path, d.format) for d in cfg.datasets]
+    explicit = [(d.name, d.path, d.format) for d in cfg.unseen_datasets]
     if bigbench_dir is not None:
         for f in bigbench_task_files(bigbench_dir):
             name = f.name.removesuffix(".gz").removesuffix(".json")
             if name == "task":  # a task directory: name it after the directory
                 name = f.parent.name
             sources.append((name, str(f), "bigbench"))
-    names = [s[0] for s in sources]
+    # A BIG-bench task may carry the name of an explicit unseen dataset: names key every
+    # artifact, so they must be unique across both lists.
+    names = [s[0] for s in sources + explicit]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"two datasets have the same name: {', '.join(dupes)}")
@@ -116,7 +133,7 @@ def dataset_sources(
             "training"
         )
     by_hash = sorted(sources, key=lambda s: _seeded(s[0], "unseen", seed))
-    unseen = sorted(by_hash[: cfg.unseen])
+    unseen = sorted(by_hash[: cfg.unseen] + explicit)
     train = by_hash[cfg.unseen :]
     if cfg.order == "hash":
         train.sort(key=lambda s: _seeded(s[0], "order", seed))
@@ -130,7 +147,11 @@ def dataset_sources(
 def load_mixture(
     cfg: DataConfig, bigbench_dir: Path | None = None, base_examples: int = 0, hashes: bool = True
 ) -> Mixture:
-    """Load and split every dataset of the mixture (no tokenization)."""
+    """Load and split every dataset of the mixture (no tokenization).
+
+    Raises:
+        DataError: an unseen task overlaps a training task (same file or a shared example).
+    """
     train, unseen = dataset_sources(cfg, bigbench_dir)
 
     def load(sources, base: int) -> list[MixtureDataset]:
@@ -141,7 +162,61 @@ def load_mixture(
             out.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
         return out
 
-    return Mixture(load(train, base_examples), load(unseen, 0))
+    mixture = Mixture(load(train, base_examples), load(unseen, 0))
+    explicit = {d.name for d in cfg.unseen_datasets}
+    picked = [u for u in mixture.unseen if u.name not in explicit]
+    if picked:  # merit chose these: keep their examples out of training rather than refuse
+        leaks = set(_overlapping(mixture.datasets, picked))
+        mixture.dropped = sorted(leaks)
+        mixture.datasets = [d for d in mixture.datasets if d.name not in leaks]
+    refuse_overlap(mixture)  # the user chose these: an overlap is theirs to fix
+    return mixture
+
+
+def _overlapping(train: list[MixtureDataset], unseen: list[MixtureDataset]) -> list[str]:
+    """The training datasets that share a file or an example with an unseen one."""
+    files = {u.file_hash for u in unseen if u.file_hash}
+    keys = {_example_key(ex) for u in unseen for ex in u.data.examples}
+    return [
+        d.name
+        for d in train
+        if d.file_hash in files or any(_example_key(ex) in keys for ex in d.data.examples)
+    ]
+
+
+def _example_key(ex: Example) -> bytes:
+    """A digest of what a model is trained on in an example: its prompt and its answer.
+
+    Whitespace is collapsed so that a re-serialised copy of the same example still matches;
+    choices and extra targets are left out because the same question with the same answer is
+    a leak whatever options are shown next to it.
+    """
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    key = [[m["role"], norm(m["content"])] for m in ex.messages] + [norm(ex.answer)]
+    return hashlib.sha256(json.dumps(key).encode()).digest()[:16]
+
+
+def refuse_overlap(mixture: Mixture) -> None:
+    """Refuse an unseen task that is (partly) a training task, so unseen scores mean unseen.
+
+    Compared by file content (when hashed) and by a digest of every example: one set of 16-byte
+    digests over the training datasets, then one look-up per unseen example.
+    """
+    lead = "unseen tasks overlap the training tasks: "
+    by_file = {d.file_hash: d.name for d in mixture.datasets if d.file_hash}
+    by_example: dict[bytes, str] = {}
+    for d in mixture.datasets:
+        for ex in d.data.examples:
+            by_example.setdefault(_example_key(ex), d.name)
+    for u in mixture.unseen:
+        if u.file_hash and (same := by_file.get(u.file_hash)):
+            raise DataError(f"{lead}{u.name} has the same file content as {same}")
+        for i, ex in enumerate(u.data.examples):
+            if same := by_example.get(_example_key(ex)):
+                raise DataError(f"{lead}{u.name} example {i} is also an example of {same}")
 
 
 def require_chat_template(tokenizer) -> None:

@@ -37,31 +37,41 @@ def prepare_data(run: Run) -> dict:
             "base_fingerprint": run.base_fingerprint,
             "datasets": rows,
             "unseen": unseen,
+            "dropped": run.mixture.dropped,
         }
         write_json(run.paths.data, rec)
     return rec
 
 
 def data_table(rec: dict) -> str:
-    """The mixture as a table: dataset, format, samples per split, train tokens."""
-    head = f"{'dataset':<48} {'format':<9} {'train':>6} {'calib':>6} {'eval':>6} {'base':>6} {'tokens':>9}"
+    """The mixture as a table: dataset, format, samples per split, train tokens.
+
+    A ``val`` column appears only when some dataset has validation examples, so the table of a
+    run without validation reads as it always has.
+    """
+    cols = [("train", "train"), ("calibration", "calib"), ("eval", "eval"), ("base", "base")]
+    if any(r["splits"].get("validation", 0) for r in rec["datasets"]):
+        cols.insert(1, ("validation", "val"))
+    head = f"{'dataset':<48} {'format':<9} " + " ".join(f"{t:>6}" for _, t in cols)
+    head += f" {'tokens':>9}"
     lines = [head, "-" * len(head)]
-    tot = {"train": 0, "calibration": 0, "eval": 0, "base": 0, "tokens": 0}
+    tot = dict.fromkeys([k for k, _ in cols] + ["tokens"], 0)
     for r in rec["datasets"]:
         s = r["splits"]
-        lines.append(
-            f"{r['name'][:48]:<48} {r['format']:<9} {s['train']:>6} {s['calibration']:>6} "
-            f"{s['eval']:>6} {s['base']:>6} {r['train_tokens']:>9}"
-        )
-        for k in ("train", "calibration", "eval", "base"):
-            tot[k] += s[k]
+        counts = " ".join(f"{s.get(k, 0):>6}" for k, _ in cols)
+        lines.append(f"{r['name'][:48]:<48} {r['format']:<9} {counts} {r['train_tokens']:>9}")
+        for k, _ in cols:
+            tot[k] += s.get(k, 0)
         tot["tokens"] += r["train_tokens"]
     lines.append("-" * len(head))
-    lines.append(
-        f"{'total (' + str(len(rec['datasets'])) + ' datasets)':<48} {'':<9} {tot['train']:>6} "
-        f"{tot['calibration']:>6} {tot['eval']:>6} {tot['base']:>6} {tot['tokens']:>9}"
-    )
+    counts = " ".join(f"{tot[k]:>6}" for k, _ in cols)
+    label = f"total ({len(rec['datasets'])} datasets)"
+    lines.append(f"{label:<48} {'':<9} {counts} {tot['tokens']:>9}")
     if unseen := rec.get("unseen"):
         names = ", ".join(u["name"] for u in unseen[:6]) + (" …" if len(unseen) > 6 else "")
         lines.append(f"unseen tasks (never trained on; evaluated): {len(unseen)} [{names}]")
+    if dropped := rec.get("dropped"):
+        lines.append(
+            f"left out of training (they share examples with unseen tasks): {', '.join(dropped)}"
+        )
     return "\n".join(lines)

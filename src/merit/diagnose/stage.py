@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from merit.artifacts import sha256_file, write_json
-from merit.data.mixture import encode
 from merit.diagnose.artifact import Diagnostics
 from merit.lm import Encoded, load_model
 from merit.merge.stage import merge
@@ -33,15 +32,8 @@ def _diagnostics_stamp(run: Run, plan: Plan, joint: Path | None) -> dict:
 
 
 def _sample(run: Run, split: str) -> list[Encoded]:
-    """The diagnostic examples of ``split``, spread over datasets. Sampled first, tokenized
-    after: the train split of 256 datasets is large."""
-    from merit.diagnose.premises import stratified_sample
-
-    dc = run.cfg.diagnostics
-    raw = {d.name: d.examples(split) for d in run.mixture.datasets}
-    return encode(
-        run.tokenizer, stratified_sample(raw, dc.examples, dc.seed), run.cfg.model.max_length
-    )
+    """The diagnostic examples of ``split``, spread over datasets."""
+    return run.sample(split, run.cfg.diagnostics.examples, run.cfg.diagnostics.seed)
 
 
 def _measure(run: Run, plan: Plan, joint_dir: Path | None) -> Diagnostics:

@@ -86,11 +86,12 @@ def _weights_sha256(run: Run, path: Path) -> str:
     return digests[0] if len(digests) == 1 else sha256_text("".join(digests))
 
 
-def _score(run: Run, key: str, label: str, path: Path) -> ModelScores:
-    """One model's scores: reused when its weights and the scoring settings are unchanged."""
+def score_model(run: Run, key: str, label: str, path: Path, out: Path | None = None) -> ModelScores:
+    """One model's scores (``eval/<key>.json``, or ``out``): reused when its weights and the
+    scoring settings are unchanged."""
     from merit.evaluate.scoring import EVAL_VERSION, evaluate_model
 
-    out = run.paths.eval_dir / f"{key}.json"
+    out = out or run.paths.eval_dir / f"{key}.json"
     stamp = _weights_sha256(run, path)
     old = ModelScores.load_if(out)
     ok = old is not None and (old.weights_sha256, old.version) == (stamp, EVAL_VERSION)
@@ -132,10 +133,9 @@ def evaluate(run: Run) -> EvaluationResults:
     whole tasks kept out of training), with bootstrap intervals and paired comparisons of the
     merge with every other model."""
     plan = make_plan(run)
-    train(run)
-    merge(run)
+    train_needed(run)
     ec = run.cfg.evaluation
-    scores = {key: _score(run, key, *where) for key, where in model_dirs(run, plan).items()}
+    scores = {key: score_model(run, key, *where) for key, where in model_dirs(run, plan).items()}
     stats = (ec.bootstrap_samples, ec.confidence, ec.seed)
     models = {k: _summaries(s, stats) for k, s in scores.items()}
     labels = {k: s.label for k, s in scores.items()}
@@ -162,6 +162,23 @@ def evaluate(run: Run) -> EvaluationResults:
         parts += ["\nOn the unseen tasks:\n\n", comparison_table(unseen_pairs, labels)]
     (run.paths.eval_dir / "results.md").write_text("".join(parts))
     return res
+
+
+def needs_branches(run: Run) -> bool:
+    """Whether the models to evaluate include the merge (or what is made from it)."""
+    return bool(set(run.cfg.evaluation.models) & {"merged", "branches", "shrink"})
+
+
+def train_needed(run: Run) -> None:
+    """Train (and merge) only what ``evaluation.models`` needs: θ0 alone trains nothing, joint
+    alone no branch."""
+    wanted = set(run.cfg.evaluation.models)
+    joint = "joint" in run.cfg.training.baselines and bool(wanted & {"joint", "shrink"})
+    if needs_branches(run):
+        train(run, baselines=["joint"] if joint else [])
+        merge(run)
+    elif joint:
+        train(run, baseline="joint")
 
 
 def _summaries(s: ModelScores, stats: tuple) -> dict:

@@ -134,7 +134,6 @@ def shrinkage_control(run: Run) -> dict:
     tells how much of the merge's difference from joint training is that shrinkage alone.
     """
     from merit.merge.safetensors_io import distances_from
-    from merit.merge.streaming import merge_checkpoints
 
     merge(run)
     joint = run.paths.baseline("joint") / "model"
@@ -150,26 +149,57 @@ def shrinkage_control(run: Run) -> dict:
     run.say(
         f"shrinkage control: α = ‖θ̄ − θ0‖/‖θ_joint − θ0‖ = {merged_d:.4g}/{joint_d:.4g} = {alpha:.4f}"
     )
-    if out.exists():
-        shutil.rmtree(out)
     meta = {
         "alpha": alpha,
         "merged_distance": merged_d,
         "joint_distance": joint_d,
         "inputs": inputs,
     }
+    derived_model(
+        run,
+        out,
+        [joint],
+        [1.0],
+        meta,
+        "the joint model, scaled by α (shrinkage control)",
+        "task_vector",
+        alpha,
+    )
+    return meta
+
+
+def derived_model(
+    run: Run,
+    out: Path,
+    checkpoints: list[Path],
+    weights: list[float],
+    meta: dict,
+    weights_from: str,
+    method: str = "linear",
+    scale: float = 1.0,
+) -> dict:
+    """A model made from trained ones — a shrinkage control θ0 + Σ w_k(θ_k − θ0)
+    (``task_vector``), a soup Σ w_k θ_k (``linear``) — streamed into ``out``; reused while
+    ``meta`` (which records its inputs) is the same."""
+    from merit.merge.streaming import merge_checkpoints
+
+    mp = out / MANIFEST_FILE
+    if mp.is_file() and MergeManifest.load(out).metadata == meta:
+        return meta
+    if out.exists():
+        shutil.rmtree(out)
     with run.timed("merge"):
         merge_checkpoints(
             run.base_dir,
-            [joint],
-            [1.0],
+            checkpoints,
+            weights,
             out,
-            method="task_vector",
-            scale=alpha,
+            method=method,
+            scale=scale,
             dtype=run.cfg.merging.dtype,
             max_shard_bytes=run.cfg.merging.max_shard_bytes,
             metadata=meta,
-            weights_from="the joint model, scaled by α (shrinkage control)",
+            weights_from=weights_from,
             base_fingerprint=run.base_fingerprint,
             hash_cache=run.cache / "sha256",
             progress=run.progress,

@@ -35,6 +35,7 @@ NAV = (
     ("merge", "Merge"),
     ("diagnostics", "Diagnostics"),
     ("results", "Results"),
+    ("comparison", "Comparison"),
 )
 
 
@@ -55,6 +56,8 @@ class ReportData:
     evaluation: dict[str, dict] = field(default_factory=dict)
     comparisons: dict[str, dict] = field(default_factory=dict)
     diagnostics: Diagnostics | None = None
+    comparison: dict | None = None  # compare/results.json, when `merit compare` ran here
+    comparison_figure: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -319,6 +322,39 @@ def results_section(doc: Document, rd: ReportData) -> None:
             _comparisons(doc, rd)
 
 
+def comparison_section(doc: Document, rd: ReportData) -> None:
+    """`merit compare`'s table (paper §5): every row against joint training, one token budget."""
+    from merit.compare.results import table_cells
+
+    res = rd.comparison
+    if not res:
+        return
+    with doc.section("comparison", "Comparison"):
+        head, body = table_cells(res["rows"])
+        doc.table(head, body)
+        doc.p(
+            "Each row trained, merged and scored by the ordinary stages in its own run directory "
+            "(compare/runs/); Δ is the row minus joint training (1 epoch), paired bootstrap "
+            "intervals over held-out examples; α and the learning rate were chosen on the "
+            "validation split carved from the training examples.",
+            "muted",
+        )
+        d = res.get("diagnostics") or {}
+        if d:
+            doc.p(
+                f"MERIT-2D vs joint: ‖θ_joint − θ0‖/‖θ̄ − θ0‖ = {d['distance_ratio']:.2f}, train "
+                f"loss {d['merged_train_loss']:.3f} vs {d['joint_train_loss']:.3f}, held-out "
+                f"NLL gap {d['heldout_nll_gap']:+.3f}."
+            )
+        doc.fig("compare_gain", rd.comparison_figure, "NLL gain of each row over joint training")
+        if res.get("claims"):
+            doc.h(3, "The paper's claims, as measured here")
+            doc.table(
+                ["claim (paper §5)", "verdict", "numbers"],
+                [[c["claim"], c["verdict"], c["detail"]] for c in res["claims"]],
+            )
+
+
 def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``index.html`` (self-contained), ``report.md`` and ``figures/*.png`` to ``out_dir``."""
     doc = Document()
@@ -329,7 +365,9 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     merge_section(doc, rd)
     diagnostics_section(doc, rd.diagnostics)
     results_section(doc, rd)
+    comparison_section(doc, rd)
     if rd.timings:
         with doc.section("timings", "Wall time per stage"):
             doc.table(["stage", "seconds"], [[s, f"{v:.0f}"] for s, v in rd.timings.items()])
-    return write_documents(doc, rd.title, NAV, Path(out_dir))
+    nav = [n for n in NAV if n[0] != "comparison" or rd.comparison]
+    return write_documents(doc, rd.title, nav, Path(out_dir))

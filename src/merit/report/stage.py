@@ -7,7 +7,7 @@ from pathlib import Path
 
 from merit.artifacts import read_json
 from merit.diagnose.stage import diagnose
-from merit.evaluate.stage import evaluate
+from merit.evaluate.stage import evaluate, needs_branches
 from merit.plan.stage import make_plan
 from merit.run import Run, record_timing
 
@@ -19,8 +19,11 @@ def report(run: Run) -> Path:
 
     plan = make_plan(run)
     result = evaluate(run)  # trains and merges first
-    diag = diagnose(run)
+    merged = needs_branches(run)  # a row of `merit compare` may hold θ0 or joint training only
+    diag = diagnose(run) if merged else None
     t0 = time.perf_counter()
+    compare = run.paths.root / "compare"
+    compared = (compare / "results.json").is_file()  # `merit compare` ran here
     joint_m = run.paths.manifest(run.paths.baseline("joint"))
     merge_m = run.paths.merged / "merge_manifest.json"
     rd = ReportData(
@@ -29,12 +32,16 @@ def report(run: Run) -> Path:
         config=run.cfg.model_dump(mode="json"),
         data=read_json(run.paths.data) if run.paths.data.is_file() else None,
         plan=plan.to_json(),
-        branches=[read_json(run.paths.manifest(run.paths.branch(g.id))) for g in plan.groups],
+        branches=[read_json(run.paths.manifest(run.paths.branch(g.id))) for g in plan.groups]
+        if merged
+        else [],
         joint=read_json(joint_m) if joint_m.is_file() else None,
         merge=read_json(merge_m) if merge_m.is_file() else None,
         evaluation=result.models,
         comparisons=result.comparisons,
         diagnostics=diag,
+        comparison=read_json(compare / "results.json") if compared else None,
+        comparison_figure=(compare / "gain.png").read_bytes() if compared else None,
         timings=read_json(run.paths.timings) if run.paths.timings.is_file() else {},
     )
     html_path, _ = build_report(rd, run.paths.report)

@@ -266,8 +266,15 @@ def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float) -> BranchMan
     )
 
 
-def jobs(run: Run, plan: Plan, branch: int | None = None, baseline: str | None = None) -> list[Job]:
-    """The requested jobs: every branch and baseline, or one of them."""
+def jobs(
+    run: Run,
+    plan: Plan,
+    branch: int | None = None,
+    baseline: str | None = None,
+    baselines: list[str] | None = None,
+) -> list[Job]:
+    """The requested jobs: every branch and baseline (``baselines``, default
+    ``training.baselines``), or one of them."""
     out = []
     if baseline is None:
         for k in range(plan.K) if branch is None else [branch]:
@@ -278,7 +285,9 @@ def jobs(run: Run, plan: Plan, branch: int | None = None, baseline: str | None =
                 Job("branch", k, run.paths.branch(k), g.datasets, f"branch {k}", g.tokens, k)
             )
     if baseline is not None or branch is None:
-        for name in [baseline] if baseline else run.cfg.training.baselines:
+        if baselines is None:
+            baselines = run.cfg.training.baselines
+        for name in [baseline] if baseline else baselines:
             if name != "joint":
                 raise StageError(f"unknown baseline {name!r}")
             # Joint training: one branch on every dataset, the same total tokens (paper §4).
@@ -333,16 +342,18 @@ def train(
     branch: int | None = None,
     baseline: str | None = None,
     plan_sha256: str | None = None,
+    baselines: list[str] | None = None,
 ) -> list[BranchManifest]:
     """Train plan branches (all, or only ``branch``) and/or a baseline, each from θ0.
 
     One job (``branch`` or ``baseline``) runs here. All of them run through
     ``runtime.launcher``: inline (here, one after another), local (subprocesses,
-    ``runtime.parallel`` at once) or ray. With ``plan_sha256`` (what launchers pass) the
+    ``runtime.parallel`` at once) or ray. ``baselines`` (default ``training.baselines``) are
+    the baselines trained with all branches. With ``plan_sha256`` (what launchers pass) the
     existing plan must have that hash; it is never recomputed.
     """
     plan = _pinned_plan(run, plan_sha256) if plan_sha256 else make_plan(run)
-    todo = jobs(run, plan, branch, baseline)
+    todo = jobs(run, plan, branch, baseline, baselines)
     if branch is not None or baseline is not None or run.cfg.runtime.launcher == "inline":
         out = []
         for job in todo:

@@ -1,0 +1,1 @@
+"""``merit compare``: the paper's table with its controls (paper §5)."""
