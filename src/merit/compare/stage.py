@@ -104,6 +104,11 @@ def _unit_record(made: Made, scores: ModelScores, **extra) -> dict:
     }
 
 
+def _job_sha(model: Path) -> str:
+    """What identifies a trained model: the sha256 of its job's manifest."""
+    return sha256_file(RunPaths.manifest(model.parent))
+
+
 def _inputs(job_dirs: list[Path]) -> dict[str, str]:
     """What a derived model is of: its inputs' manifests, by sha256."""
     return {str(d): sha256_file(RunPaths.manifest(d)) for d in job_dirs}
@@ -123,6 +128,31 @@ class Comparison:
         if self._validation is None:
             self._validation = select.objective(self.run, "validation")
         return self._validation
+
+    def _memo(self, key: str, compute):
+        """A validation-split result, kept in ``compare/selection.json`` under what it was
+        computed from (a trained model's manifest sha256), so a resumed comparison re-reads it."""
+        from merit.artifacts import read_json
+
+        path = self.dir / "selection.json"
+        stamp = {"data": self.run.cfg.settings("data"), "base": self.run.base_fingerprint}
+        cache = read_json(path) if path.is_file() else {}
+        if cache.get("stamp") != stamp:
+            cache = {"stamp": stamp, "values": {}}
+        if key not in cache["values"]:
+            cache["values"][key] = compute()
+            write_json(path, cache)
+        return cache["values"][key]
+
+    def _loss(self, path: Path) -> float:
+        return select.losses(self.validation, {"m": path}, self.run.cfg.model.dtype)["m"]
+
+    def _alphas(self, joint: Path) -> dict[str, float]:
+        obj = self.validation
+        theta0 = obj.vector(self.run.load_base())
+        theta = select.vector(obj, joint, self.run.cfg.model.dtype)
+        _, curve = select.best_alpha(obj, theta0, theta, self.run.cfg.compare.alphas)
+        return {str(a): v for a, v in curve.items()}
 
     def row(self, row: Row) -> list[tuple[dict, ModelScores]]:
         """Every unit of the row, produced and scored: (record, scores) each."""
@@ -147,9 +177,8 @@ class Comparison:
         out = []
         for seed, units in self._by_seed(row).items():
             made = {u.key: produce(self.run, u) for u in units}
-            curve = select.losses(
-                self.validation, {k: m.path for k, m in made.items()}, self.run.cfg.model.dtype
-            )
+            curve = {k: self._memo(f"loss:{_job_sha(m.path)}", lambda m=m: self._loss(m.path))
+                     for k, m in made.items()}  # fmt: skip
             best = made[select.best_key(curve)]
             lr = best.run.cfg.training.learning_rate
             self.selection.setdefault(str(seed), {})["learning_rate"] = {
@@ -165,14 +194,15 @@ class Comparison:
     def _shrink(self, row: Row) -> list[tuple[dict, ModelScores]]:
         """θ0 + α(θ_joint − θ0) with α best on the validation split, per seed."""
         out = []
-        obj = self.validation
+        alphas = self.run.cfg.compare.alphas
         for seed, (unit,) in self._by_seed(row).items():
             joint = produce(self.run, unit)
-            theta0 = obj.vector(self.run.load_base())
-            alpha, curve = select.best_alpha(
-                obj, theta0, select.vector(obj, joint.path, self.run.cfg.model.dtype),
-                self.run.cfg.compare.alphas,
-            )  # fmt: skip
+            key = f"alpha:{_job_sha(joint.path)}:{sorted(alphas)}"
+            curve = {
+                float(a): v
+                for a, v in self._memo(key, lambda j=joint: self._alphas(j.path)).items()
+            }
+            alpha = min(curve, key=lambda a: (curve[a], a))  # ties: the shorter move
             self.selection.setdefault(str(seed), {})["alpha"] = {
                 "validation_loss": {str(a): v for a, v in curve.items()},
                 "chosen": alpha,
