@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from merit.artifacts import Artifact
-from merit.evaluate.statistics import compare_models, with_intervals
+from merit.evaluate.statistics import METRICS, paired_bootstrap, with_intervals
 from merit.report.tables import family
 
 REFERENCE = "joint"  # every row is tested against joint training for one epoch
@@ -64,41 +64,23 @@ def summarise(
 ) -> dict[str, dict]:
     """Per row: averages with intervals, the paired test against joint training (row − joint),
     on the training tasks' held-out examples and on the unseen tasks, and family averages."""
-    pairs = compare_models(per, REFERENCE, *stats) if REFERENCE in per else {}
-    unseen_pairs = compare_models(unseen, REFERENCE, *stats) if REFERENCE in unseen else {}
     out = {}
     for key in per:
         out[key] = {
             "summary": with_intervals(per[key], *stats),
             "unseen_summary": with_intervals(unseen[key], *stats) if unseen.get(key) else None,
-            "vs_joint": _flip(pairs.get(key)),
-            "unseen_vs_joint": _flip(unseen_pairs.get(key)),
+            "vs_joint": _vs_joint(per, key, stats),
+            "unseen_vs_joint": _vs_joint(unseen, key, stats),
             "families": family_means(per[key]),
         }
     return out
 
 
-def _flip(pair: dict | None) -> dict | None:
-    """compare_models gives joint − row; the table shows row − joint."""
-    if pair is None:
+def _vs_joint(per: dict[str, dict], key: str, stats: tuple) -> dict | None:
+    """The row minus joint training, paired (None for joint itself or without joint)."""
+    if key == REFERENCE or REFERENCE not in per or key not in per:
         return None
-    out = {}
-    for metric in ("nll", "accuracy"):
-        p = pair.get(metric)
-        if p is None:
-            out[metric] = None
-            continue
-        out[metric] = {
-            **p,
-            "a": p["b"],
-            "b": p["a"],
-            "difference": -p["difference"],
-            "ci": [-p["ci"][1], -p["ci"][0]],
-            "p_a_better": 1.0 - p["p_a_better"],
-            "wins": p["losses"],
-            "losses": p["wins"],
-        }
-    return out
+    return {m: paired_bootstrap(per[key], per[REFERENCE], m, *stats) for m in METRICS}
 
 
 def _num(v: float | None, fmt: str, scale: float = 1.0) -> str:
@@ -212,8 +194,6 @@ PAPER_RATIO = (2.4, 2.9)
 def _step(per: dict, a: str, b: str, stats: tuple) -> tuple[str, dict | None]:
     """'held' if b is better than a (lower NLL, interval below 0), 'did not hold' if worse
     (interval above 0), else 'could not be decided'."""
-    from merit.evaluate.statistics import paired_bootstrap
-
     p = paired_bootstrap(per[b], per[a], "nll", *stats)
     if p is None:
         return "could not be decided", None

@@ -116,8 +116,8 @@ def _units(name: str, cfg: RunConfig, seed: int) -> list[Unit]:
     raise ValueError(f"unknown row {name!r}")
 
 
-def _budget(name: str, cfg: RunConfig) -> float:
-    return {"base": 0.0, "joint-2ep": 2.0}.get(name, 1.0)
+# Training tokens as a multiple of joint training's (1 epoch); every other row: 1.
+_BUDGET = {"base": 0.0, "joint-2ep": 2.0}
 
 
 def rows(cfg: RunConfig) -> list[Row]:
@@ -125,10 +125,8 @@ def rows(cfg: RunConfig) -> list[Row]:
     seeds = cfg.compare.seeds or [cfg.training.seed]
     out = []
     for name in cfg.compare.rows:
-        units = [u for s in seeds for u in _units(name, cfg, s)]
-        if name == "base":
-            units = units[:1]
-        out.append(Row(name, row_label(name, cfg), _budget(name, cfg), tuple(units)))
+        units = [u for s in (seeds[:1] if name == "base" else seeds) for u in _units(name, cfg, s)]
+        out.append(Row(name, row_label(name, cfg), _BUDGET.get(name, 1.0), tuple(units)))
     return out
 
 
@@ -153,10 +151,11 @@ def _yaml(v: Any) -> str:
 
 
 def check_rows(cfg: RunConfig, n_datasets: int) -> None:
-    """Refuse, in one line and before any training, a row the mixture cannot hold."""
+    """Refuse, in one line and before any training, a row the mixture cannot hold; every unit's
+    config is validated on the way."""
     for row in rows(cfg):
         for u in row.units:
-            k = u.overrides.get("planning.k") or 2 ** u.overrides.get("planning.rank", 0)
+            k = unit_config(cfg, u, Path(cfg.run_dir)).planning.groups
             if u.model == "merged" and k > n_datasets:
                 raise ConfigError(
                     f"compare row {row.name} needs K={k} groups but the mixture has only "

@@ -37,15 +37,14 @@ def losses(obj: LMObjective, models: Mapping[str, Path], dtype: str) -> dict[str
     return {k: obj.loss(vector(obj, p, dtype)) for k, p in models.items()}
 
 
-def best_alpha(
+def alpha_curve(
     obj: LMObjective, theta0: torch.Tensor, theta: torch.Tensor, alphas: list[float]
-) -> tuple[float, dict[float, float]]:
-    """α minimising L(θ0 + α(θ − θ0)) on the grid; ties go to the smaller α (the shorter move)."""
-    curve = {a: obj.loss(theta0 + a * (theta - theta0)) for a in sorted(alphas)}
-    best = min(curve, key=lambda a: (curve[a], a))
-    return best, curve
+) -> dict[float, float]:
+    """L(θ0 + α(θ − θ0)) for each α of the grid, smallest α first (so :func:`best_key` breaks
+    ties toward the shorter move)."""
+    return {a: obj.loss(theta0 + a * (theta - theta0)) for a in sorted(alphas)}
 
 
-def best_key(curve: Mapping[str, float]) -> str:
+def best_key(curve: Mapping):
     """The key of the lowest loss (the first of equals, in the grid's order)."""
     return min(curve, key=lambda k: curve[k])

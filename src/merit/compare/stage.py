@@ -109,9 +109,9 @@ def _job_sha(model: Path) -> str:
     return sha256_file(RunPaths.manifest(model.parent))
 
 
-def _inputs(job_dirs: list[Path]) -> dict[str, str]:
-    """What a derived model is of: its inputs' manifests, by sha256."""
-    return {str(d): sha256_file(RunPaths.manifest(d)) for d in job_dirs}
+def _inputs(models: list[Path]) -> dict[str, str]:
+    """What a derived model is of: its inputs' job directories and manifests' sha256."""
+    return {str(m.parent): _job_sha(m) for m in models}
 
 
 class Comparison:
@@ -151,7 +151,7 @@ class Comparison:
         obj = self.validation
         theta0 = obj.vector(self.run.load_base())
         theta = select.vector(obj, joint, self.run.cfg.model.dtype)
-        _, curve = select.best_alpha(obj, theta0, theta, self.run.cfg.compare.alphas)
+        curve = select.alpha_curve(obj, theta0, theta, self.run.cfg.compare.alphas)
         return {str(a): v for a, v in curve.items()}
 
     def row(self, row: Row) -> list[tuple[dict, ModelScores]]:
@@ -202,13 +202,13 @@ class Comparison:
                 float(a): v
                 for a, v in self._memo(key, lambda j=joint: self._alphas(j.path)).items()
             }
-            alpha = min(curve, key=lambda a: (curve[a], a))  # ties: the shorter move
+            alpha = select.best_key(curve)  # the curve runs from the smallest α: ties move less
             self.selection.setdefault(str(seed), {})["alpha"] = {
                 "validation_loss": {str(a): v for a, v in curve.items()},
                 "chosen": alpha,
             }
             target = self.dir / "models" / f"shrink-s{seed}"
-            meta = {"alpha": alpha, "inputs": _inputs([joint.path.parent])}
+            meta = {"alpha": alpha, "inputs": _inputs([joint.path])}
             derived_model(
                 joint.run, target, [joint.path], [1.0], meta,
                 f"the joint model, scaled by α = {alpha:g} (chosen on the validation split)",
@@ -226,7 +226,7 @@ class Comparison:
         for seed, units in self._by_seed(row).items():
             members = [produce(self.run, u) for u in units]
             target = self.dir / "models" / f"soup-s{seed}"
-            meta = {"inputs": _inputs([m.path.parent for m in members])}
+            meta = {"inputs": _inputs([m.path for m in members])}
             n = len(members)
             derived_model(
                 members[0].run, target, [m.path for m in members], [1 / n] * n, meta,
@@ -315,9 +315,6 @@ def check(run: Run) -> None:
     (``Run.validate``), rows the mixture cannot hold, every unit's config."""
     run.validate()
     check_rows(run.cfg, len(run.mixture.datasets))
-    for row in rows(run.cfg):
-        for u in row.units:
-            unit_config(run.cfg, u, run.paths.root)
 
 
 def compare(run: Run) -> CompareResults:

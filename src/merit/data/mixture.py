@@ -163,25 +163,17 @@ def load_mixture(
         return out
 
     mixture = Mixture(load(train, base_examples), load(unseen, 0))
+    shared = _shared(mixture.datasets, mixture.unseen)
     explicit = {d.name for d in cfg.unseen_datasets}
-    picked = [u for u in mixture.unseen if u.name not in explicit]
-    if picked:  # merit chose these: keep their examples out of training rather than refuse
-        leaks = set(_overlapping(mixture.datasets, picked))
-        mixture.dropped = sorted(leaks)
-        mixture.datasets = [d for d in mixture.datasets if d.name not in leaks]
-    refuse_overlap(mixture)  # the user chose these: an overlap is theirs to fix
+    # merit chose these unseen tasks: keep their examples out of training rather than refuse.
+    leaks = {n for u, found in shared.items() if u not in explicit for n in found}
+    mixture.dropped = sorted(leaks)
+    mixture.datasets = [d for d in mixture.datasets if d.name not in leaks]
+    for u in mixture.unseen:  # the user chose these: an overlap is theirs to fix
+        rest = [what for n, what in shared.get(u.name, {}).items() if n not in leaks]
+        if rest:
+            raise DataError(f"unseen tasks overlap the training tasks: {rest[0]}")
     return mixture
-
-
-def _overlapping(train: list[MixtureDataset], unseen: list[MixtureDataset]) -> list[str]:
-    """The training datasets that share a file or an example with an unseen one."""
-    files = {u.file_hash for u in unseen if u.file_hash}
-    keys = {_example_key(ex) for u in unseen for ex in u.data.examples}
-    return [
-        d.name
-        for d in train
-        if d.file_hash in files or any(_example_key(ex) in keys for ex in d.data.examples)
-    ]
 
 
 def _example_key(ex: Example) -> bytes:
@@ -199,24 +191,31 @@ def _example_key(ex: Example) -> bytes:
     return hashlib.sha256(json.dumps(key).encode()).digest()[:16]
 
 
-def refuse_overlap(mixture: Mixture) -> None:
-    """Refuse an unseen task that is (partly) a training task, so unseen scores mean unseen.
+def _shared(train: list[MixtureDataset], unseen: list[MixtureDataset]) -> dict[str, dict]:
+    """For each unseen dataset that is (partly) a training dataset: training dataset name ->
+    what they share (first found), so unseen scores can mean unseen.
 
-    Compared by file content (when hashed) and by a digest of every example: one set of 16-byte
+    Compared by file content (when hashed) and by a digest of every example: one map of 16-byte
     digests over the training datasets, then one look-up per unseen example.
     """
-    lead = "unseen tasks overlap the training tasks: "
-    by_file = {d.file_hash: d.name for d in mixture.datasets if d.file_hash}
-    by_example: dict[bytes, str] = {}
-    for d in mixture.datasets:
-        for ex in d.data.examples:
-            by_example.setdefault(_example_key(ex), d.name)
-    for u in mixture.unseen:
-        if u.file_hash and (same := by_file.get(u.file_hash)):
-            raise DataError(f"{lead}{u.name} has the same file content as {same}")
+    by_file: dict[str, list[str]] = {}
+    by_example: dict[bytes, list[str]] = {}
+    for d in train:
+        if d.file_hash:
+            by_file.setdefault(d.file_hash, []).append(d.name)
+        for key in {_example_key(ex) for ex in d.data.examples}:
+            by_example.setdefault(key, []).append(d.name)
+    out: dict[str, dict] = {}
+    for u in unseen:
+        found: dict[str, str] = {}
+        for n in by_file.get(u.file_hash, []) if u.file_hash else []:
+            found.setdefault(n, f"{u.name} has the same file content as {n}")
         for i, ex in enumerate(u.data.examples):
-            if same := by_example.get(_example_key(ex)):
-                raise DataError(f"{lead}{u.name} example {i} is also an example of {same}")
+            for n in by_example.get(_example_key(ex), []):
+                found.setdefault(n, f"{u.name} example {i} is also an example of {n}")
+        if found:
+            out[u.name] = found
+    return out
 
 
 def require_chat_template(tokenizer) -> None:
