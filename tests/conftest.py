@@ -133,3 +133,20 @@ def tiny_base(tmp_path_factory) -> Path:
         for r in rows:
             texts.append(json.dumps(r))
     return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", texts)
+
+
+@pytest.fixture(scope="session")
+def vlm_specs(tmp_path_factory) -> list[dict]:
+    """The tiny image-text mixture: colour, count (LLaVA JSON), position (multiple choice) and
+    same (two images per example), 40 examples each, 56×56 generated images."""
+    from merit.demo_vision import write_image_mixture
+
+    return write_image_mixture(tmp_path_factory.mktemp("images"), n=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory, vlm_specs) -> Path:
+    """A tiny Qwen2-VL with random weights and a locally made processor, saved like a hub model."""
+    from merit.demo_vision import build_tiny_vlm, mixture_texts
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-vlm", mixture_texts(vlm_specs))

@@ -203,6 +203,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from merit.merge.errors import MergeError
     from merit.plan.splitters import PlanError
     from merit.run import StageError
+    from merit.vision import ProcessorError
 
     return (
         ConfigError,
@@ -215,6 +216,7 @@ def _errors() -> tuple[type[BaseException], ...]:
         ModelPathError,
         ModelSourceError,
         FetchError,
+        ProcessorError,
     )
 
 

@@ -53,12 +53,24 @@ class ModelConfig(_Section):
         512, ge=16, description="tokens per example; longer prompts are cut on the left"
     )
     demo: DemoBaseConfig = Field(default_factory=DemoBaseConfig)
+    trainable: list[Literal["vision", "projector", "language"]] | None = Field(
+        None,
+        min_length=1,
+        description="a vision-language θ0's parameter groups that train (calibration, branches "
+        "and joint alike); null = projector and language with the vision tower frozen (LoRA: "
+        "language only). A text-only θ0 is all language",
+    )
 
 
 class DatasetSpec(_Section):
     name: str = Field(min_length=1)
     path: str
     format: Literal["auto", "jsonl", "json", "parquet", "hf", "bigbench"] = "auto"
+    image_dir: str | None = Field(
+        None,
+        description="folder that image paths in the records are relative to; null = the "
+        "dataset file's folder",
+    )
 
 
 class SplitConfig(_Section):
@@ -574,6 +586,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
             if not p.is_absolute() and not (base_dir / p).exists() and p.exists():
                 continue  # relative to the working directory, as the user typed it
             spec.path = str(p if p.is_absolute() else base_dir / p)
+            if spec.image_dir is not None:
+                d = Path(spec.image_dir).expanduser()
+                spec.image_dir = str(d if d.is_absolute() else base_dir / d)
     return cfg
 
 

@@ -43,8 +43,9 @@ def example_texts(examples: Iterable) -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained on ``texts``, wrapped as a ``PreTrainedTokenizerFast`` with ChatML."""
+def build_tokenizer(texts: list[str], vocab_size: int, extra_special: tuple[str, ...] = ()):
+    """Byte-level BPE trained on ``texts``, wrapped as a ``PreTrainedTokenizerFast`` with ChatML;
+    ``extra_special`` are further special tokens (a vision model's image markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +54,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -63,7 +64,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
         unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>", *extra_special],
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from merit.config import RuntimeConfig
+from merit.vision import Pixels, batch_pixels, freeze, is_vision_model
 
 WEIGHT_SUFFIX = ".safetensors"
 IGNORE = -100
@@ -23,10 +24,12 @@ IGNORE = -100
 
 @dataclass
 class Encoded:
-    """One tokenized example: ``labels`` is ``IGNORE`` on prompt tokens."""
+    """One tokenized example: ``labels`` is ``IGNORE`` on prompt tokens; ``pixels``, for an
+    example with images, its images (``input_ids`` already hold their expanded image tokens)."""
 
     input_ids: list[int]
     labels: list[int]
+    pixels: Pixels | None = None
 
     @property
     def answer_tokens(self) -> int:
@@ -181,12 +184,38 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, device: torch.device, dtype: str = "auto"):
-    """``AutoModelForCausalLM.from_pretrained`` on a hub id or directory, moved to ``device``."""
-    from transformers import AutoModelForCausalLM
+def model_class(model_dir: str | Path):
+    """``AutoModelForImageTextToText`` for a vision-language θ0, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
-    return model.to(device)
+    return AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device,
+    dtype: str = "auto",
+    trainable: tuple[str, ...] | None = None,
+):
+    """θ0 (or a model trained from it) with ``from_pretrained``, moved to ``device``; with
+    ``trainable`` (groups of :mod:`merit.vision`), only those parameters require grad."""
+    cls = model_class(path)
+    model = cls.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device)
+    if trainable is not None:
+        freeze(model, trainable)
+    return model
+
+
+def meta_model(model_dir: str | Path, trainable: tuple[str, ...] | None = None):
+    """θ0's architecture on the meta device (names and shapes, no weights read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = model_class(model_dir).from_config(config)
+    if trainable is not None:
+        freeze(model, trainable)
+    return model
 
 
 def fingerprint(model_dir: str | Path) -> str:
@@ -209,7 +238,7 @@ def fingerprint(model_dir: str | Path) -> str:
 
 # -- answer-token language-model loss -------------------------------------------------------------
 def pad_batch(batch: Sequence[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels tensors."""
+    """Right-padded input_ids / attention_mask / labels tensors, and the images' inputs."""
     n = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
@@ -218,16 +247,20 @@ def pad_batch(batch: Sequence[Encoded], pad_id: int, device) -> dict[str, torch.
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "labels": labels.to(device),
-    }
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out.update(batch_pixels([e.pixels for e in batch], n))
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes of a batch: everything but the labels (which merit shifts
+    and masks itself)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed NLL of the label tokens (labels are shifted inside: position t predicts t+1)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(

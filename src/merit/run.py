@@ -34,6 +34,7 @@ from merit.lm import (
 )
 from merit.merge.manifest import BRANCH_MANIFEST_FILE
 from merit.plan.splitters import PlanError
+from merit.vision import default_trainable, is_vision_model, load_processor, text_tokenizer
 
 MANIFEST = BRANCH_MANIFEST_FILE  # a finished branch or baseline: written last, atomically
 
@@ -225,20 +226,47 @@ class Run:
         return fp
 
     @cached_property
+    def is_vision(self) -> bool:
+        """Whether θ0 is a vision-language model (:mod:`merit.vision`)."""
+        return is_vision_model(self.base_dir)
+
+    @cached_property
+    def processor(self):
+        """What encodes examples: a vision-language θ0's processor, else its tokenizer."""
+        return load_processor(self.base_dir) if self.is_vision else load_tokenizer(self.base_dir)
+
+    @property
     def tokenizer(self):
-        return load_tokenizer(self.base_dir)
+        return text_tokenizer(self.processor)
+
+    @cached_property
+    def trainable(self) -> tuple[str, ...] | None:
+        """The parameter groups that train (the same for calibration, branches and joint);
+        None for a text-only θ0, which trains every parameter."""
+        groups = self.cfg.model.trainable
+        if not self.is_vision:
+            if groups is not None and "language" not in groups:
+                raise StageError(
+                    f"model.trainable={groups}: θ0 is a text-only model, all of it language"
+                )
+            return None
+        return tuple(groups) if groups else default_trainable(self.cfg.training.lora is not None)
 
     def load_base(self):
-        return load_model(self.base_dir, self.device, self.cfg.model.dtype)
+        return load_model(self.base_dir, self.device, self.cfg.model.dtype, self.trainable)
+
+    def _encode(self, examples: list) -> list[Encoded]:
+        if not self.is_vision and any(ex.images for ex in examples):
+            raise StageError(
+                f"the data has images but θ0 ({self.cfg.model.path}) is a text-only model"
+            )
+        return encode(self.processor, examples, self.cfg.model.max_length)
 
     def encoded(self, split: str) -> dict[str, list[Encoded]]:
         """Tokenized examples of one split, per dataset."""
         cache = self.__dict__.setdefault("_encoded", {})
         if split not in cache:
-            ml = self.cfg.model.max_length
-            cache[split] = {
-                d.name: encode(self.tokenizer, d.examples(split), ml) for d in self.mixture.datasets
-            }
+            cache[split] = {d.name: self._encode(d.examples(split)) for d in self.mixture.datasets}
         return cache[split]
 
     def sample(self, split: str, n: int | None, seed: int) -> list[Encoded]:
@@ -249,9 +277,7 @@ class Run:
         raw = {d.name: d.examples(split) for d in self.mixture.datasets}
         if n is not None:
             raw = {"": stratified_sample(raw, n, seed)}
-        return [
-            e for v in raw.values() for e in encode(self.tokenizer, v, self.cfg.model.max_length)
-        ]
+        return [e for v in raw.values() for e in self._encode(v)]
 
     def timed(self, name: str):
         run = self

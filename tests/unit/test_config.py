@@ -1,5 +1,7 @@
 """Run config: validation, dotted overrides, shipped configs."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,41 @@ def test_shipped_configs_validate():
     assert len(example.data.datasets) >= 4
     assert example.training.learning_rate < 1e-4
     assert example.runtime.device == "auto"
+
+
+def test_vision_example_config_validates_with_its_data_layout(tmp_path):
+    """The Qwen2.5-VL config as shipped, and its data: a miniature Vision-FLAN tree at the paths
+    it names (one LLaVA JSON per task, images under image_dir) loads as its mixture."""
+    from PIL import Image
+
+    from merit.data.mixture import load_mixture
+
+    shutil.copy(ROOT / "configs" / "example-qwen2.5-vl-3b.yaml", tmp_path / "vl.yaml")
+    cfg = load_config(tmp_path / "vl.yaml")
+    assert cfg.model.path == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert cfg.model.trainable == ["projector", "language"]
+    assert cfg.planning.groups == 4 and cfg.calibration.sketch_dim >= 2**18
+    for spec in cfg.data.datasets:
+        images = Path(spec.image_dir)
+        rows = []
+        for i in range(12):
+            rel = f"{spec.name}/{i}.jpg"
+            (images / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), "gray").save(images / rel)
+            turns = [{"from": "human", "value": "<image>\nWhat is shown?"}]
+            rows.append(
+                {
+                    "id": str(i),
+                    "image": rel,
+                    "conversations": [*turns, {"from": "gpt", "value": "x"}],
+                }
+            )
+        Path(spec.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec.path).write_text(json.dumps(rows))
+    mixture = load_mixture(cfg.data)
+    assert len(mixture.datasets) == len(cfg.data.datasets) >= 8
+    ex = mixture.datasets[0].examples("train")[0]
+    assert ex.images[0].startswith(str(tmp_path / "vision-flan" / "images_191task_1k"))
 
 
 def test_dotted_overrides_with_yaml_values(tmp_path):

@@ -24,16 +24,13 @@ from merit.run import Run, StageError
 def _parameter_layout(run: Run) -> str:
     """θ0's parameter names and shapes (from its config, on the meta device: no weights read)."""
     if "_layout" not in run.__dict__:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         from merit.calibrate.sketch import parameter_layout
+        from merit.lm import meta_model
 
-        # The config is read first: resolving θ0 may build it (the demo's), which must not
-        # happen on the meta device.
-        config = AutoConfig.from_pretrained(run.base_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        run.__dict__["_layout"] = parameter_layout(model)
+        # θ0 is resolved first: that may build it (the demo's), which must not happen on the
+        # meta device. Only the trainable parameters are sketched (model.trainable).
+        base = run.base_dir
+        run.__dict__["_layout"] = parameter_layout(meta_model(base, run.trainable))
     return run.__dict__["_layout"]
 
 

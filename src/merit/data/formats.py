@@ -19,6 +19,19 @@ Records of the first four formats follow one of TRL's two dataset styles:
   assistant; that message is the answer and everything before it is the prompt. Earlier
   assistant turns are kept as context only: training puts loss on the final answer alone.
 
+Image-text records (for a vision-language θ0) come in two forms:
+
+* TRL's vision form: an ``images`` list (or one ``image``) of file paths, with message contents
+  that are lists of parts, ``{"type": "image"}`` where an image goes and ``{"type": "text",
+  "text": ...}``; string contents get the images before the first user message, as TRL does.
+* LLaVA / Vision-FLAN JSON: ``image`` (a path or a list) and ``conversations``, a list of
+  ``{"from": "human" | "gpt" | "system", "value": ...}`` turns whose text marks each image with
+  ``<image>``.
+
+Image paths are relative to ``image_dir`` (default: the dataset file's folder). Inside merit an
+image's place in a message is the ``<image>`` placeholder, and :attr:`Example.images` lists the
+files in placeholder order.
+
 If a record has both styles, ``prompt``/``completion`` wins (datasets such as UltraChat
 carry a bare ``prompt`` column next to ``messages``; without ``completion`` the record is
 read as ``messages``). Optional keys ``choices`` (list of strings) and ``targets`` (a string
@@ -33,7 +46,7 @@ import gzip
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +56,14 @@ logger = logging.getLogger(__name__)
 FORMATS = ("jsonl", "json", "parquet", "hf", "bigbench")
 
 _ROLES = ("system", "user", "assistant")
+_LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+IMAGE = "<image>"  # an image's place in a message's text
 _JSON_LIST_KEYS = ("data", "examples", "train")
 
 # BIG-bench's own zero-shot defaults (bigbench/api/json_task.py).
@@ -70,12 +91,14 @@ class Example:
         choices: multiple-choice options in presentation order; ``()`` for generative examples.
         targets: acceptable answers: for multiple choice the correct choice(s), for generative
             examples all accepted strings (the answer included).
+        images: absolute image paths, one per ``<image>`` placeholder in ``messages``, in order.
     """
 
     messages: tuple[dict[str, str], ...]
     answer: str
     choices: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -183,12 +206,75 @@ def _message(msg: Any, where: str, i: int) -> dict[str, str]:
         raise DataError(
             f"{where}: message {i} has role {role!r} (expected one of {', '.join(_ROLES)})"
         )
+    if isinstance(content, (list, tuple)):
+        content = _parts_text(content, where, i)
     if not isinstance(content, str):
         raise DataError(
-            f"{where}: message {i} content must be a string, got {type(content).__name__}"
+            f"{where}: message {i} content must be a string or a list of parts, got "
+            f"{type(content).__name__}"
         )
     # Keep only role/content: Arrow-backed formats add null columns for optional keys.
     return {"role": role, "content": content}
+
+
+def _parts_text(parts: Sequence[Any], where: str, i: int) -> str:
+    """TRL's structured content as text: an image part becomes the ``<image>`` placeholder."""
+    out = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            out.append(IMAGE)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        else:
+            raise DataError(f"{where}: message {i} has a part that is neither text nor an image")
+    return "".join(out)
+
+
+def _llava_messages(turns: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, (list, tuple)):
+        raise DataError(f"{where}: 'conversations' must be a list of turns")
+    out = []
+    for i, t in enumerate(turns):
+        role = _LLAVA_ROLES.get(t.get("from")) if isinstance(t, dict) else None
+        if role is None or not isinstance(t.get("value"), str):
+            raise DataError(
+                f"{where}: turn {i} of 'conversations' needs 'from' (human, gpt or system) "
+                "and a string 'value'"
+            )
+        out.append({"role": role, "content": t["value"]})
+    return out
+
+
+def _image_paths(record: dict, where: str, root: Path | None) -> tuple[str, ...]:
+    value = record.get("images", record.get("image"))
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    paths = []
+    for item in items:
+        if isinstance(item, dict):  # a datasets Image feature saved with its path
+            item = item.get("path")
+        if not isinstance(item, str) or not item:
+            raise DataError(f"{where}: images must be file paths (strings)")
+        p = Path(item).expanduser()
+        paths.append(str(p if p.is_absolute() or root is None else root / p))
+    return tuple(paths)
+
+
+def _place_images(messages: tuple, images: tuple[str, ...], where: str) -> tuple:
+    """Messages with one ``<image>`` per image: as TRL does, images go before the first user
+    message's text when no message marks where they go. Text-only records keep any literal
+    ``<image>`` as text."""
+    marks = sum(m["content"].count(IMAGE) for m in messages)
+    if images and marks == 0:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        msg = messages[first]
+        msg = {**msg, "content": IMAGE * len(images) + msg["content"]}
+        return (*messages[:first], msg, *messages[first + 1 :])
+    if images and marks != len(images):
+        raise DataError(f"{where}: {marks} image placeholder(s) but {len(images)} image(s)")
+    return messages
 
 
 def _messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
@@ -223,10 +309,13 @@ def _string_list(value: Any, key: str, where: str, allow_str: bool) -> tuple[str
     return tuple(value)
 
 
-def _record_to_example(record: Any, where: str) -> Example:
-    """Convert one TRL-style record (prompt/completion or messages) to an :class:`Example`."""
+def _record_to_example(record: Any, where: str, root: Path | None = None) -> Example:
+    """Convert one record (TRL prompt/completion or messages, or LLaVA conversations) to an
+    :class:`Example`; image paths are resolved against ``root``."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if record.get("conversations") is not None and record.get("messages") is None:
+        record = {**record, "messages": _llava_messages(record["conversations"], where)}
     prompt, completion = record.get("prompt"), record.get("completion")
     if prompt is not None and completion is not None:
         if isinstance(prompt, str):
@@ -258,11 +347,17 @@ def _record_to_example(record: Any, where: str) -> Example:
     targets = _string_list(record.get("targets"), "targets", where, allow_str=True) or (answer,)
     if choices and not set(targets) <= set(choices):
         raise DataError(f"{where}: 'targets' (or the answer) must be among 'choices'")
-    return Example(messages=messages, answer=answer, choices=choices, targets=targets)
+    if IMAGE in answer:
+        raise DataError(f"{where}: an image in the answer (images go in the prompt)")
+    images = _image_paths(record, where, root)
+    messages = _place_images(messages, images, where)
+    return Example(messages, answer, choices=choices, targets=targets, images=images)
 
 
-def _examples_from_records(records: Iterable[tuple[str, Any]]) -> list[Example]:
-    return [_record_to_example(record, where) for where, record in records]
+def _examples_from_records(
+    records: Iterable[tuple[str, Any]], root: Path | None = None
+) -> list[Example]:
+    return [_record_to_example(record, where, root) for where, record in records]
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -507,13 +602,16 @@ def bigbench_task_files(folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_dataset(name: str, path: str | Path, format: str = "auto") -> LoadedDataset:
+def load_dataset(
+    name: str, path: str | Path, format: str = "auto", image_dir: str | Path | None = None
+) -> LoadedDataset:
     """Load a dataset file or directory into memory.
 
     Args:
         name: the dataset's name (kept in the result; not used to find the data).
         path: a file or directory in one of :data:`FORMATS`.
         format: one of :data:`FORMATS`, or ``"auto"`` to use :func:`detect_format`.
+        image_dir: the folder image paths are relative to (default: ``path``'s folder).
 
     Raises:
         DataError: unknown format, missing path, malformed data, or no usable examples.
@@ -539,8 +637,12 @@ def load_dataset(name: str, path: str | Path, format: str = "auto") -> LoadedDat
             records = _indexed(path, _parquet_rows(path))
         else:
             records = _indexed(path, _hf_rows(path))
+        root = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent)
         loaded = LoadedDataset(
-            name=name, format=format, path=str(path), examples=_examples_from_records(records)
+            name=name,
+            format=format,
+            path=str(path),
+            examples=_examples_from_records(records, root.expanduser().resolve()),
         )
     if not loaded.examples:
         raise DataError(f"{path}: no usable examples")

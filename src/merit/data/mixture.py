@@ -11,13 +11,22 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from merit.artifacts import sha256_file
 from merit.config import DataConfig, SplitConfig
-from merit.data.formats import DataError, Example, LoadedDataset, bigbench_task_files, load_dataset
+from merit.data.formats import (
+    IMAGE,
+    DataError,
+    Example,
+    LoadedDataset,
+    bigbench_task_files,
+    load_dataset,
+)
+from merit.data.images import check_images
 from merit.lm import IGNORE, Encoded
+from merit.vision import Pixels, is_processor, open_image, text_tokenizer
 
 
 @dataclass
@@ -154,12 +163,15 @@ def load_mixture(
     """
     train, unseen = dataset_sources(cfg, bigbench_dir)
 
+    image_dirs = {d.name: d.image_dir for d in cfg.datasets + cfg.unseen_datasets}
+
     def load(sources, base: int) -> list[MixtureDataset]:
         out = []
         for name, path, fmt in sources:
-            data = load_dataset(name, path, fmt)
+            data = load_dataset(name, path, fmt, image_dirs.get(name))
             splits = split_indices(len(data.examples), name, cfg.split, base)
             out.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
+            check_images(out[-1])  # a missing image fails here, before any long work
         return out
 
     mixture = Mixture(load(train, base_examples), load(unseen, 0))
@@ -188,6 +200,8 @@ def _example_key(ex: Example) -> bytes:
         return " ".join(text.split())
 
     key = [[m["role"], norm(m["content"])] for m in ex.messages] + [norm(ex.answer)]
+    if ex.images:  # the same question about another image is another example
+        key.append(list(ex.images))
     return hashlib.sha256(json.dumps(key).encode()).digest()[:16]
 
 
@@ -226,25 +240,48 @@ def require_chat_template(tokenizer) -> None:
 
 
 def render(tokenizer, examples: Sequence[Example]) -> list[tuple[str, str]]:
-    """(prompt text, answer text) per example, through the tokenizer's chat template.
+    """(prompt text, answer text) per example, through the tokenizer's (or, for a
+    vision-language θ0, the processor's) chat template.
 
     The answer text is what the template appends after the generation prompt, so its tokens are
     exactly the ones the model must produce at inference (end-of-turn marker included).
     """
     require_chat_template(tokenizer)
+    vision = is_processor(tokenizer)
     out = []
     for ex in examples:
-        msgs = [dict(m) for m in ex.messages]
+        msgs = vision_messages(ex) if vision else [dict(m) for m in ex.messages]
+        answer = vision_messages(ex, answer=True)[0] if vision else _turn("assistant", ex.answer)
         prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": ex.answer}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template([*msgs, answer], tokenize=False)
         if not full.startswith(prompt):
             # Some templates rewrite earlier turns once an answer follows; fall back to the
             # plain answer so the loss still covers exactly the answer text.
-            out.append((prompt, ex.answer + (tokenizer.eos_token or "")))
+            eos = text_tokenizer(tokenizer).eos_token or ""
+            out.append((prompt, ex.answer + eos))
         else:
             out.append((prompt, full[len(prompt) :]))
+    return out
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def vision_messages(ex: Example, answer: bool = False) -> list[dict]:
+    """The prompt (or, with ``answer``, the answer turn) in the structured form processors and
+    TRL's vision collator read: every content a list of text and image parts."""
+    turns = [_turn("assistant", ex.answer)] if answer else ex.messages
+    out = []
+    for m in turns:
+        pieces = m["content"].split(IMAGE) if ex.images else [m["content"]]
+        parts: list[dict] = []
+        for i, text in enumerate(pieces):
+            if i:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        out.append({"role": m["role"], "content": parts})
     return out
 
 
@@ -263,11 +300,48 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -
 
 
 def encode(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    """Chat-template, tokenize and mask a list of examples (loss on answer tokens only)."""
+    """Chat-template, tokenize and mask a list of examples (loss on answer tokens only).
+
+    ``tokenizer`` may be a vision-language θ0's processor: see :func:`encode_vision`.
+    """
+    if is_processor(tokenizer):
+        return encode_vision(tokenizer, examples)
     return encode_pairs(tokenizer, render(tokenizer, examples), max_length)
+
+
+def encode_vision(processor, examples: Sequence[Example]) -> list[Encoded]:
+    """Image-text examples tokenized by θ0's processor: each image's placeholder expanded to the
+    image tokens its size gives (so the plan's N_k and the merge weights count them), the
+    images kept as paths for :class:`~merit.vision.Pixels`.
+
+    Nothing is cut (``model.max_length`` is for text): cutting into an image's tokens would
+    leave tokens without features; TRL's vision collator does not cut either.
+    """
+    tok = processor.tokenizer
+    out = []
+    for ex, (prompt, answer) in zip(examples, render(processor, examples)):
+        images = [open_image(p) for p in ex.images] or None
+        enc = processor(text=[prompt], images=images, add_special_tokens=False)
+        ids = list(enc["input_ids"][0])
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        pixels = None
+        if ex.images:
+            types = {k: tuple(enc[k][0]) for k in _TOKEN_TYPES if k in enc}
+            pixels = Pixels(ex.images, processor.image_processor, types)
+        out.append(Encoded(ids + a, [IGNORE] * len(ids) + a, pixels))
+    return out
+
+
+# Per-token inputs a processor returns besides the ids (Qwen's mRoPE needs the first).
+_TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
+
+
+def as_answer(example: Example, answer: str) -> Example:
+    """``example`` with ``answer`` as its answer (a multiple-choice option, scored as one)."""
+    return replace(example, answer=answer, choices=(), targets=())
 
 
 def encode_choices(tokenizer, example: Example, max_length: int) -> list[Encoded]:
     """One sequence per multiple-choice option, scored as if it were the answer."""
-    variants = [Example(example.messages, c) for c in example.choices]
+    variants = [as_answer(example, c) for c in example.choices]
     return encode(tokenizer, variants, max_length)

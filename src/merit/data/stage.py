@@ -24,6 +24,7 @@ def prepare_data(run: Run) -> dict:
                 "splits": {k: len(v) for k, v in d.splits.items()},
                 "train_tokens": sum(len(e.input_ids) for e in train[d.name]),
                 "train_answer_tokens": sum(e.answer_tokens for e in train[d.name]),
+                "train_images": sum(len(ex.images) for ex in d.examples("train")),
                 "indices": d.splits,
             }
             for d in run.mixture.datasets
@@ -53,20 +54,25 @@ def data_table(rec: dict) -> str:
     if any(r["splits"].get("validation", 0) for r in rec["datasets"]):
         cols.insert(1, ("validation", "val"))
     head = f"{'dataset':<48} {'format':<9} " + " ".join(f"{t:>6}" for _, t in cols)
-    head += f" {'tokens':>9}"
+    # Image-text mixtures: the training images (their tokens are in `tokens`).
+    images = any(r.get("train_images") for r in rec["datasets"])
+    head += f" {'tokens':>9}" + (f" {'images':>7}" if images else "")
     lines = [head, "-" * len(head)]
-    tot = dict.fromkeys([k for k, _ in cols] + ["tokens"], 0)
+    tot = dict.fromkeys([k for k, _ in cols] + ["tokens", "images"], 0)
     for r in rec["datasets"]:
         s = r["splits"]
         counts = " ".join(f"{s.get(k, 0):>6}" for k, _ in cols)
-        lines.append(f"{r['name'][:48]:<48} {r['format']:<9} {counts} {r['train_tokens']:>9}")
+        line = f"{r['name'][:48]:<48} {r['format']:<9} {counts} {r['train_tokens']:>9}"
+        lines.append(line + (f" {r['train_images']:>7}" if images else ""))
         for k, _ in cols:
             tot[k] += s.get(k, 0)
         tot["tokens"] += r["train_tokens"]
+        tot["images"] += r.get("train_images", 0)
     lines.append("-" * len(head))
     counts = " ".join(f"{tot[k]:>6}" for k, _ in cols)
     label = f"total ({len(rec['datasets'])} datasets)"
-    lines.append(f"{label:<48} {'':<9} {counts} {tot['tokens']:>9}")
+    line = f"{label:<48} {'':<9} {counts} {tot['tokens']:>9}"
+    lines.append(line + (f" {tot['images']:>7}" if images else ""))
     if unseen := rec.get("unseen"):
         names = ", ".join(u["name"] for u in unseen[:6]) + (" …" if len(unseen) > 6 else "")
         lines.append(f"unseen tasks (never trained on; evaluated): {len(unseen)} [{names}]")

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merit.data.mixture import Mixture, encode, render
-from merit.lm import IGNORE, Encoded, pad_batch
+from merit.data.mixture import Mixture, as_answer, encode, render
+from merit.lm import IGNORE, Encoded, model_inputs, pad_batch
+from merit.vision import is_processor, open_image, text_tokenizer
 
 # Bumped when what evaluate_model records changes: the pipeline re-evaluates older results.
 EVAL_VERSION = 2
@@ -36,16 +37,14 @@ BIGBENCH_DEFAULT_REGEX = r"[^\.\?\!\;\n]+"  # bigbench/api/json_task.py, _DEFAUL
 
 # -- scoring ------------------------------------------------------------------------------------
 def _answer_logits_full(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     return logits[:, :-1][mask]
 
 
 def _answer_logits_fast(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     # The decoder body once, the LM head only where a label is: for a prompt of 200 tokens and
     # an answer of 5, that skips ~97% of the vocabulary projection.
-    hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    hidden = model.base_model(**model_inputs(batch)).last_hidden_state
     return model.get_output_embeddings()(hidden[:, :-1][mask])
 
 
@@ -62,8 +61,11 @@ def _fast_path_ok(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
     if model.get_output_embeddings() is not None and model.base_model is not model:
         try:
             with torch.no_grad():
-                sub = {k: v[:2] for k, v in batch.items()}
-                m = mask[:2]
+                # Two rows are enough, but image inputs are per image, not per row: keep those
+                # batches whole.
+                whole = set(batch) - {"input_ids", "attention_mask", "labels"}
+                sub = batch if whole else {k: v[:2] for k, v in batch.items()}
+                m = mask if whole else mask[:2]
                 ok = bool(
                     torch.allclose(
                         _answer_logits_fast(model, sub, m).float(),
@@ -225,6 +227,8 @@ def sequence_logprobs(
     """
     total = np.zeros(len(seqs))
     count = np.zeros(len(seqs), dtype=np.int64)
+    # A prompt with images is not shared: its cache would need the images' mRoPE positions.
+    share_prompts = share_prompts and not any(e.pixels for e in seqs)
     groups, alone = _prompt_groups(seqs) if share_prompts else ([], list(range(len(seqs))))
     if groups and not _shared_ok(model, seqs, groups, pad_id):
         groups, alone = [], list(range(len(seqs)))
@@ -262,8 +266,14 @@ def greedy_decode(
     max_length: int,
     progress: bool = False,
     desc: str = "generate",
+    images: Sequence[tuple[str, ...]] | None = None,
 ) -> list[str]:
-    """Greedy continuation of each rendered prompt, up to the end-of-turn token."""
+    """Greedy continuation of each rendered prompt, up to the end-of-turn token; ``tokenizer``
+    may be a vision-language model's processor, and ``images`` each prompt's image files."""
+    if is_processor(tokenizer):
+        return _decode_vision(
+            model, tokenizer, prompts, images, max_new_tokens, batch_size, progress, desc
+        )
     device = next(model.parameters()).device
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ids = [x[-(max_length - max_new_tokens) :] for x in ids]
@@ -289,6 +299,40 @@ def greedy_decode(
         )
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[r, n:], skip_special_tokens=True)
+    return out
+
+
+def _decode_vision(
+    model, processor, prompts, images, max_new_tokens: int, batch_size: int, progress, desc
+) -> list[str]:
+    """:func:`greedy_decode` with images: the processor pads on the left and expands each
+    image's tokens; prompts are never cut (an image's tokens cannot be)."""
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    images = images or [()] * len(prompts)
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[s : s + batch_size]
+        pics = [open_image(p) for i in idx for p in images[i]]
+        enc = processor(
+            text=[prompts[i] for i in idx],
+            images=pics or None,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,
+        ).to(device)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        n = enc["input_ids"].shape[1]
+        for r, i in enumerate(idx):
+            out[i] = tok.decode(gen[r, n:], skip_special_tokens=True)
     return out
 
 
@@ -338,6 +382,7 @@ class _Requests:
     items: list[_Item] = field(default_factory=list)
     gen_prompts: list[str] = field(default_factory=list)
     gen_items: list[tuple[str, int]] = field(default_factory=list)
+    gen_images: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def _requests(tokenizer, mixture: Mixture, max_length, max_examples, max_generate):
@@ -352,13 +397,14 @@ def _requests(tokenizer, mixture: Mixture, max_length, max_examples, max_generat
             req.items.append(_Item(ds.name, i, "answer"))
         for i, ex in enumerate(examples):
             if mc:
-                variants = [type(ex)(ex.messages, c) for c in ex.choices]
+                variants = [as_answer(ex, c) for c in ex.choices]
                 for c, enc in enumerate(encode(tokenizer, variants, max_length)):
                     req.seqs.append(enc)
                     req.items.append(_Item(ds.name, i, "choice", c))
             elif i < max_generate:
                 req.gen_prompts.append(render(tokenizer, [ex])[0][0])
                 req.gen_items.append((ds.name, i))
+                req.gen_images.append(ex.images)
     return req, per
 
 
@@ -432,7 +478,7 @@ def evaluate_model(
     """
     model.eval()
     req, per = _requests(tokenizer, mixture, max_length, max_examples, max_generate)
-    pad = tokenizer.pad_token_id
+    pad = text_tokenizer(tokenizer).pad_token_id
     logp, count = sequence_logprobs(
         model, req.seqs, batch_size, pad, progress, desc=f"score {label}"
     )
@@ -447,6 +493,7 @@ def evaluate_model(
             max_length,
             progress,
             desc=f"generate {label}",
+            images=req.gen_images,
         )
         _record_generations(per, mixture, req.gen_items, outs)
     return per

@@ -110,7 +110,7 @@ def score_model(run: Run, key: str, label: str, path: Path, out: Path | None = N
                 return {}
             return evaluate_model(
                 model,
-                run.tokenizer,
+                run.processor,
                 mixture,
                 run.cfg.model.max_length,
                 ec.max_examples,

@@ -104,9 +104,11 @@ class MergeTerms:
         base_specs: dict[str, TensorSpec],
         branch_specs: Sequence[dict[str, TensorSpec]],
         mapped: MappedFiles,
+        keep: frozenset[str] = frozenset(),
     ) -> None:
         self.weighting, self.base_specs, self.branch_specs = weighting, base_specs, branch_specs
         self.mapped = mapped
+        self.keep = keep
         self._local = threading.local()
         self._free: dict[torch.dtype, list[torch.Tensor]] = {}
         self._free_lock = threading.Lock()
@@ -183,8 +185,9 @@ class MergeTerms:
     def pieces(self, name: str, out_dtype: torch.dtype, pool: Executor) -> Iterator[Future]:
         """Futures of the output bytes of tensor ``name``, in order, one per chunk."""
         base = self.base_specs[name]
-        if not base.is_floating:
-            # Validated identical in every branch: θ0's bytes, as stored.
+        if not base.is_floating or (name in self.keep and out_dtype == base.torch_dtype):
+            # Validated identical in every branch: θ0's bytes, as stored. A frozen parameter
+            # too: Σ w_k θ0 in floating point need not round back to θ0 exactly.
             done: Future = Future()
             done.set_result(self.mapped.raw(base))
             yield done

@@ -15,12 +15,44 @@ from merit.train.stage import BranchManifest
 def verify_branches(run: Run, plan: Plan) -> list[Path]:
     """Every branch finished, from this θ0, plan and schedule, on the planned token budget, with
     the weights its manifest lists; else one error listing every problem."""
+    _check_trainable(run, plan)
     problems: list[str] = []
     for g in plan.groups:
         problems += _branch_problems(run, plan, g)
     if problems:
         raise StageError(f"cannot merge: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
     return [run.paths.branch(g.id) / "model" for g in plan.groups]
+
+
+def _check_trainable(run: Run, plan: Plan) -> None:
+    """Every finished branch trained the parameters the plan's calibration sketched (the same
+    groups of a vision-language θ0): averaging a branch that moved others would move them by
+    w_k of its change alone. One line for the first branch that did not."""
+    for g in plan.groups:
+        mp = RunPaths.manifest(run.paths.branch(g.id))
+        if not mp.is_file():
+            continue
+        m = BranchManifest.load(mp)
+        if m.layout and m.layout != plan.sketch.get("layout"):
+            raise StageError(
+                f"cannot merge: branch {g.id} trained another parameter set "
+                f"({_groups(m.trainable)}) than the plan's branches ({_groups(plan.trainable)})"
+            )
+
+
+def _groups(groups: list[str] | None) -> str:
+    return ", ".join(groups) if groups else "every parameter"
+
+
+def frozen(run: Run) -> frozenset[str]:
+    """θ0's tensor names (as stored) outside the trainable groups: copied from θ0 by merges."""
+    from merit.merge.safetensors_io import read_specs
+    from merit.vision import frozen_tensors
+
+    if run.trainable is None:
+        return frozenset()
+    specs, _problems = read_specs(run.base_dir)
+    return frozen_tensors(specs, run.trainable)
 
 
 def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
@@ -113,6 +145,7 @@ def merge(run: Run) -> MergeManifest:
                 "tokens": [g.tokens for g in plan.groups],
             },
             weights_from="plan tokens N_k / Σ N_j",
+            keep=frozen(run),
             base_fingerprint=run.base_fingerprint,
             hash_cache=run.cache / "sha256",
             progress=run.progress,
@@ -200,6 +233,7 @@ def derived_model(
             max_shard_bytes=run.cfg.merging.max_shard_bytes,
             metadata=meta,
             weights_from=weights_from,
+            keep=frozen(run),
             base_fingerprint=run.base_fingerprint,
             hash_cache=run.cache / "sha256",
             progress=run.progress,

@@ -50,7 +50,7 @@ from merit.merge.safetensors_io import (
     shard_header,
 )
 from merit.merge.staging import copy_side_files, make_staging_dir, publish, write_bytes
-from merit.merge.validation import header_problems, non_floating_problems, provenance_problems
+from merit.merge.validation import header_problems, kept_problems, provenance_problems
 
 _OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -70,6 +70,8 @@ class MergeOptions:
             keeps base's per tensor. When given, config.json's dtype is updated.
         max_shard_bytes: largest tensor data per output file; beyond it the output is sharded
             as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+        keep: tensors that are θ0's in every checkpoint (frozen parameters): written as θ0's
+            bytes (when the output keeps θ0's dtype), and refused where a checkpoint differs.
         metadata: extra JSON-able information recorded under "metadata" in the manifest.
         hash_cache: directory of a :class:`~merit.merge.hashing.HashCache` for input hashes;
             ``None`` hashes anew.
@@ -86,6 +88,7 @@ class MergeOptions:
     base_fingerprint: str | None = None
     dtype: str | None = None
     max_shard_bytes: int = 2 * 1024**3
+    keep: frozenset[str] = frozenset()
     metadata: dict | None = None
     hash_cache: str | Path | None = None
     threads: int | None = None
@@ -285,7 +288,7 @@ def _check_checkpoints(
     )
     problems += provenance
     if not problems:
-        problems = non_floating_problems(base_specs, branch_specs)
+        problems = kept_problems(base_specs, branch_specs, options.keep)
     if problems:
         raise problems_error(out_dir, problems)
     return base_specs, tuple(branch_specs), theta0, hashes
@@ -380,7 +383,9 @@ def execute(plan: MergePlan, staging: Path) -> dict[str, str]:
     """Stream the merge into ``staging``: each shard computed chunk by chunk by ``plan.threads``
     workers and written as it is computed. Returns each shard's file name -> sha256."""
     mapped = MappedFiles()
-    terms = MergeTerms(plan.weighting, plan.base_specs, plan.branch_specs, mapped)
+    terms = MergeTerms(
+        plan.weighting, plan.base_specs, plan.branch_specs, mapped, plan.options.keep
+    )
     # One torch thread per worker: chunks are too small to split further, and torch's own
     # threads spin-wait badly on a busy machine. With one worker the writing thread computes
     # too: no hand-off, whose wake-up latency adds up over thousands of chunks on a busy CPU.

@@ -39,22 +39,25 @@ def header_problems(
     return problems
 
 
-def non_floating_problems(
-    base_specs: dict[str, TensorSpec], branch_specs: list[dict[str, TensorSpec]]
+def kept_problems(
+    base_specs: dict[str, TensorSpec],
+    branch_specs: list[dict[str, TensorSpec]],
+    keep: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Integer/bool buffers cannot be averaged: θ0's is kept, so every branch must equal it."""
+    """θ0's bytes are kept for integer/bool buffers (they cannot be averaged) and for the frozen
+    parameters ``keep`` (they never trained), so every branch must hold exactly θ0's."""
     problems = []
     mapped = MappedFiles()
     try:
         for name, spec in base_specs.items():
-            if spec.is_floating:
+            if spec.is_floating and name not in keep:
                 continue
             expected = mapped.raw(spec)
+            what = "frozen" if spec.is_floating else "non-floating"
             for specs in branch_specs:
                 if mapped.raw(specs[name]) != expected:
                     problems.append(
-                        f"{specs[name].file}: non-floating tensor {name!r} differs from base "
-                        f"{spec.file}"
+                        f"{specs[name].file}: {what} tensor {name!r} differs from base {spec.file}"
                     )
     finally:
         mapped.release()

@@ -158,6 +158,9 @@ class Plan(Artifact):
     cosine: list[list[float]]
     plots: list[str] = field(default_factory=list)
     version: int = 3
+    # A vision-language θ0's parameter groups that every branch trains (null: all of θ0);
+    # the exact parameters are the calibration layout's (sketch["layout"]).
+    trainable: list[str] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -277,6 +280,7 @@ def _plan_record(run: Run, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
     n_k, w_k = group_weights(groups, tokens, k)
     names = cal.datasets
     return Plan(
+        trainable=list(run.trainable) if run.trainable else None,
         settings=run.cfg.settings("plan"),
         base_fingerprint=run.base_fingerprint,
         sketches_sha256=cal.sketches_sha256,

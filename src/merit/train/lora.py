@@ -31,15 +31,28 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def wrap_lora(model, cfg: LoraConfig):
-    """θ0 with fresh PEFT LoRA adapters; only the adapters train."""
+    """θ0 with fresh PEFT LoRA adapters; only the adapters train.
+
+    On a vision-language model, ``all-linear`` means the linear layers of the trainable groups
+    (``model.trainable``; by default the language model's), never the head: PEFT's own
+    ``all-linear`` would adapt the vision tower too.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = cfg.target_modules
+    if targets == "all-linear" and any(not p.requires_grad for p in model.parameters()):
+        head = model.get_output_embeddings()
+        targets = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m is not head
+        ]
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         use_rslora=cfg.rslora,
         task_type="CAUSAL_LM",
     )

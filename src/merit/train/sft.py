@@ -35,6 +35,7 @@ import torch
 
 from merit.artifacts import sha256_file, write_json
 from merit.config import TrainingConfig
+from merit.data.formats import Example
 from merit.lm import Encoded
 
 CHECKPOINT_MARKER = "merit-checkpoint.json"
@@ -101,10 +102,30 @@ def schedule(
     return order[:total]
 
 
-def _to_dataset(records: Sequence[Encoded], order: Sequence[int] | None = None):
+def _to_dataset(
+    records: Sequence[Encoded],
+    order: Sequence[int] | None = None,
+    examples: Sequence[Example] | None = None,
+):
+    """The rows TRL trains on, in the fixed order: merit's tokens (``input_ids`` + ``labels``),
+    or for image-text ``examples`` TRL's vision prompt/completion rows, which its vision
+    collator tokenizes and processes batch by batch (completion-only loss: the answer tokens)."""
     from datasets import Dataset
 
     order = range(len(records)) if order is None else order
+    if examples is not None:
+        from merit.data.mixture import vision_messages
+
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": vision_messages(examples[i]),
+                    "completion": vision_messages(examples[i], answer=True),
+                    "images": list(examples[i].images),
+                }
+                for i in order
+            ]
+        )
     return Dataset.from_dict(
         {
             "input_ids": [records[i].input_ids for i in order],
@@ -124,10 +145,12 @@ def sft_config(
     max_steps: int | None = None,
     checkpoint_steps: int | None = None,
     keep_checkpoints: int = 2,
+    vision: bool = False,
 ):
     """The ``SFTConfig`` shared by every branch: one schedule for all (paper §3.3).
 
     ``n_examples`` is the length of the fixed order (:func:`schedule`), read once, sequentially.
+    With ``vision`` nothing is cut (cutting into an image's tokens breaks the model's input).
     """
     from trl import SFTConfig
 
@@ -153,7 +176,7 @@ def sft_config(
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=device.type == "cpu",
-        max_length=max_length,
+        max_length=None if vision else max_length,
         packing=False,
         completion_only_loss=None,
         train_sampling_strategy="sequential",
@@ -381,8 +404,13 @@ def train_sft(
     run_key: str = "",
     label: str = "branch",
     log: Callable[[str], None] | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``records`` and save it (safetensors) to ``out_dir/model``.
+
+    For a vision-language model ``tokenizer`` is its processor and ``examples`` (aligned with
+    ``records``) are what TRL's vision collator reads; ``records`` still fix the order and the
+    token count, which must equal what the collator fed (checked by the caller).
 
     Weights are saved in ``save_dtype`` (θ0's dtype), so every branch has θ0's tensor layout.
     With ``cfg.lora`` the model is wrapped in PEFT LoRA adapters; the adapter is saved to
@@ -410,6 +438,7 @@ def train_sft(
         progress,
         checkpoint_steps=checkpoint_steps,
         keep_checkpoints=keep_checkpoints,
+        vision=examples is not None,
     )
     resume, tokens_start, dropped = (
         _resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
@@ -432,7 +461,7 @@ def train_sft(
         trainer = _trainer_class()(
             model=model,
             args=args,
-            train_dataset=_to_dataset(records, order),
+            train_dataset=_to_dataset(records, order, examples),
             processing_class=tokenizer,
             callbacks=[callback],
         )
@@ -490,7 +519,7 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
         if acc.is_main_process:
             model = acc.unwrap_model(trainer.model)
             model.save_pretrained(out_dir / "model", state_dict=state_dict)
-            tokenizer.save_pretrained(out_dir / "model")
+            _save_processing(tokenizer, out_dir / "model")
         acc.wait_for_everyone()
         return
     if acc.is_main_process:
@@ -503,5 +532,15 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
             if save_dtype is not None and save_dtype != dtype:
                 model = model.to(save_dtype)
             model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
+        _save_processing(tokenizer, out_dir / "model")
     acc.wait_for_everyone()
+
+
+def _save_processing(tokenizer, out: Path) -> None:
+    """The tokenizer, or a vision-language model's processor, beside the weights."""
+    from merit.vision import is_processor, save_processor
+
+    if is_processor(tokenizer):
+        save_processor(tokenizer, out)
+    else:
+        tokenizer.save_pretrained(out)

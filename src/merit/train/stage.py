@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from merit.artifacts import Artifact, atomic_path, read_json, sha256_file
+from merit.calibrate.sketch import parameter_layout
 from merit.plan.stage import Plan, make_plan, plan_hash
 from merit.run import Run, RunPaths, StageError
 
@@ -47,6 +48,10 @@ class BranchManifest(Artifact):
     losses: list
     seconds: float
     weights: dict[str, str]  # path relative to the job directory -> sha256
+    # What trained: the parameter groups (null: all of θ0) and the sha256 of the trainable
+    # parameters' names and shapes, which must be the plan's calibration layout.
+    trainable: list[str] | None = None
+    layout: str = ""
 
     def matches(self, p_hash: str, base_fp: str, training: str) -> bool:
         return (self.plan_sha256, self.base_fingerprint, self.training) == (
@@ -179,8 +184,10 @@ def _train_one(run: Run, plan: Plan, job: Job) -> BranchManifest:
             for sub in ("model", "adapter"):
                 shutil.rmtree(job.out / sub, ignore_errors=True)
         t0 = time.perf_counter()
-        res = _fit(run, job, p_hash)
+        res, layout = _fit(run, job, p_hash)
         manifest = _manifest(run, job, p_hash, res, time.perf_counter() - t0)
+        manifest.trainable = list(run.trainable) if run.trainable else None
+        manifest.layout = layout
         if _main_process():
             manifest.save(manifest_path)  # last: a manifest means the job is complete
             shutil.rmtree(job.out / "trainer", ignore_errors=True)  # checkpoints: not needed
@@ -203,10 +210,11 @@ def _fit(run: Run, job: Job, p_hash: str):
     # A checkpoint is resumed only by the same job: plan, θ0, training settings, datasets.
     key = [p_hash, run.base_fingerprint, run.cfg.settings_hash("train"), job.label, job.datasets]
     model = run.load_base()
+    layout = parameter_layout(model)
     rt = run.cfg.runtime
     res = train_sft(
         model,
-        run.tokenizer,
+        run.processor,
         records,
         run.cfg.training,
         job.out,
@@ -218,6 +226,11 @@ def _fit(run: Run, job: Job, p_hash: str):
         run_key=hashlib.sha256(json.dumps(key).encode()).hexdigest(),
         label=job.label,
         log=run.say,
+        examples=(
+            [ex for n in job.datasets for ex in run.mixture[n].examples("train")]
+            if run.is_vision
+            else None
+        ),
     )
     # merit's own count of what the job was fed, across resumes, must be what the fixed schedule
     # holds (epochs × N_k for whole epochs): the merge weights assume it (paper eq. 3).
@@ -226,7 +239,7 @@ def _fit(run: Run, job: Job, p_hash: str):
             f"{job.label}: trained on {res.tokens_seen} tokens but its schedule holds "
             f"{res.tokens_scheduled}"
         )
-    return res
+    return res, layout
 
 
 def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float) -> BranchManifest:

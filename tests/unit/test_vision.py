@@ -1,0 +1,146 @@
+"""The vision side of θ0: parameter groups, freezing, the processor, images as model inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from merit.data.formats import Example
+from merit.data.mixture import encode
+from merit.lm import load_model, pad_batch
+from merit.vision import (
+    GROUPS,
+    ProcessorError,
+    batch_pixels,
+    freeze,
+    group_sizes,
+    is_vision_model,
+    load_processor,
+    param_group,
+)
+
+TEXT = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2,
+)  # fmt: skip
+
+
+def _qwen25():
+    from transformers import Qwen2_5_VLConfig
+
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+        fullatt_block_indexes=[0],
+    )  # fmt: skip
+    return Qwen2_5_VLConfig(text_config={**TEXT, "rope_parameters": rope}, vision_config=vision)
+
+
+def _llava():
+    from transformers import LlavaConfig
+
+    vision = dict(
+        model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+        projection_dim=32,
+    )  # fmt: skip
+    return LlavaConfig(vision_config=vision, text_config={"model_type": "llama", **TEXT})
+
+
+@pytest.mark.parametrize("make", [_qwen25, _llava], ids=["qwen2.5-vl", "llava"])
+def test_groups_are_the_same_in_memory_and_on_disk(make, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(make())
+    sizes = group_sizes(model)
+    assert all(sizes[g] > 0 for g in GROUPS), sizes
+    model.save_pretrained(tmp_path)
+    assert is_vision_model(tmp_path)
+    on_disk = dict.fromkeys(GROUPS, 0)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            on_disk[param_group(name)] += torch.Size(f.get_slice(name).get_shape()).numel()
+    assert on_disk == sizes  # the merge reads groups off file names: they must agree
+
+
+def test_tiny_qwen2_vl_groups_and_freeze(tiny_vlm):
+    model = load_model(tiny_vlm, torch.device("cpu"), trainable=("projector", "language"))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (param_group(name) != "vision"), name
+    assert any(param_group(n) == "projector" for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="leaves no parameter"):
+        freeze(model, ())
+
+
+def test_text_model_is_all_language(tiny_base):
+    assert not is_vision_model(tiny_base)
+    model = load_model(tiny_base, torch.device("cpu"))
+    assert {param_group(n) for n, _ in model.named_parameters()} == {"language"}
+
+
+def test_processor_loads_and_never_falls_back_to_a_tokenizer(tiny_vlm, tmp_path):
+    from transformers import ProcessorMixin
+
+    proc = load_processor(tiny_vlm)
+    assert isinstance(proc, ProcessorMixin)
+    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"  # no torchvision here
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_vlm, unknown)
+    cfg = json.loads((unknown / "processor_config.json").read_text())
+    cfg["processor_class"] = "NoSuchProcessor"
+    (unknown / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ProcessorError, match="not a processor"):
+        load_processor(unknown)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_vlm, bare)
+    (bare / "processor_config.json").unlink()
+    with pytest.raises(ProcessorError, match="TokenizersBackend"):
+        load_processor(bare)
+
+
+def _square(path: Path, colour) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), colour).save(path)
+    return str(path)
+
+
+def test_two_images_count_more_tokens_than_one(tiny_vlm, tmp_path):
+    proc = load_processor(tiny_vlm)
+    a, b = _square(tmp_path / "a.png", "red"), _square(tmp_path / "b.png", "blue")
+    one = Example(({"role": "user", "content": "<image>Same colour?"},), "no", images=(a,))
+    two = Example(({"role": "user", "content": "<image><image>Same colour?"},), "no", images=(a, b))
+    text = Example(({"role": "user", "content": "Same colour?"},), "no")
+    e1, e2, e0 = encode(proc, [one, two, text], max_length=16)
+    pad_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # 56×56 → a 4×4 patch grid, merged 2×2: 4 image tokens, plus vision start and end.
+    assert [e.input_ids.count(pad_id) for e in (e0, e1, e2)] == [0, 4, 8]
+    assert len(e2.input_ids) - len(e1.input_ids) == len(e1.input_ids) - len(e0.input_ids) == 6
+    assert e0.answer_tokens == e1.answer_tokens == e2.answer_tokens
+    # max_length is for text: an image-text example is never cut into its image tokens.
+    assert len(e2.input_ids) > 16
+
+
+def test_batch_pixels_concatenates_images_and_pads_token_types(tiny_vlm, tmp_path):
+    proc = load_processor(tiny_vlm)
+    a, b = _square(tmp_path / "a.png", "red"), _square(tmp_path / "b.png", "blue")
+    two = Example(({"role": "user", "content": "<image><image>Same?"},), "no", images=(a, b))
+    one = Example(({"role": "user", "content": "<image>Colour?"},), "red", images=(a,))
+    text = Example(({"role": "user", "content": "Colour?"},), "red")
+    enc = encode(proc, [two, text, one], max_length=64)
+    batch = pad_batch(enc, proc.tokenizer.pad_token_id, "cpu")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 3  # two, then one: row order
+    assert batch["pixel_values"].shape == (3 * 16, 3 * 2 * 14 * 14)
+    types = batch["mm_token_type_ids"]
+    assert types.shape == batch["input_ids"].shape
+    assert types.sum(-1).tolist() == [8, 0, 4]  # 1 on image tokens, 0 on text and padding
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(types.bool(), batch["input_ids"] == image_id)
+    assert batch_pixels([None, None], 5) == {}
