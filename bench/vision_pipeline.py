@@ -55,16 +55,12 @@ def text_base(path: Path, texts: list[str]) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from merit.demo import build_tokenizer
+    from merit.demo_vision import LANGUAGE
 
     tok = build_tokenizer(texts, 400)
     config = LlamaConfig(
+        **LANGUAGE,
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,

@@ -50,7 +50,10 @@ class ModelConfig(_Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(
-        512, ge=16, description="tokens per example; longer prompts are cut on the left"
+        512,
+        ge=16,
+        description="tokens per example; longer prompts are cut on the left (image-text "
+        "examples are never cut: an image's tokens cannot be)",
     )
     demo: DemoBaseConfig = Field(default_factory=DemoBaseConfig)
     trainable: list[Literal["vision", "projector", "language"]] | None = Field(

@@ -26,6 +26,26 @@ CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The language model's sizes (a Llama with these is the text twin in bench/vision_pipeline.py)
+# and the vision tower's: patch 14, merge 2 and temporal 2 are the image processor's defaults.
+LANGUAGE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+VISION = {
+    "depth": 1,
+    "embed_dim": 32,
+    "hidden_size": 32,  # the merger's output: the language model's width
+    "num_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 SIZE = 56  # the image processor's minimum (56² pixels): 4 image tokens
 COLOURS = {
     "red": (220, 30, 30),
@@ -178,33 +198,18 @@ def build_tiny_vlm(
     tok = build_tokenizer(texts, vocab_size, IMAGE_TOKENS)
     tok.chat_template = CHAT_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in (*IMAGE_TOKENS, "<|im_end|>", "<|pad|>")}
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+    text = {
+        **LANGUAGE,
+        "vocab_size": len(tok),
         # Σ mrope_section must be head_dim / 2 (8 / 2); Qwen's default fits only its own sizes.
-        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|pad|>"],
-    )
-    vision = dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|pad|>"],
+    }
     config = Qwen2VLConfig(
         text_config=text,
-        vision_config=vision,
+        vision_config=VISION,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

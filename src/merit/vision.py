@@ -12,7 +12,7 @@ branches move in (paper §3.1), and the merge copies the frozen ones from θ0 by
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -87,15 +87,6 @@ def group_sizes(model: torch.nn.Module) -> dict[str, int]:
     return sizes
 
 
-def trainable_digest(model: torch.nn.Module) -> str:
-    """sha256 of the trainable parameters' names and shapes: what a branch trained."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            h.update(f"{name}:{tuple(p.shape)}\n".encode())
-    return h.hexdigest()
-
-
 # -- is θ0 a vision-language model ---------------------------------------------------------------
 def is_vision_config(config: dict, model_dir: Path | None = None) -> bool:
     """Whether a config (``config.json`` as a dict) is an image-text-to-text model's.
@@ -122,6 +113,7 @@ def is_vision_model(model_dir: str | Path) -> bool:
 
 
 # -- the processor -------------------------------------------------------------------------------
+@functools.cache
 def image_only_processor(name: str):
     """The stock processor class ``name`` without its video processor (which needs torchvision;
     images alone do not): the slow (PIL) image processor and the tokenizer."""
