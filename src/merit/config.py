@@ -53,9 +53,16 @@ class ModelConfig(_Section):
         512,
         ge=16,
         description="tokens per example; longer prompts are cut on the left (image-text "
-        "examples are never cut: an image's tokens cannot be)",
+        "examples are never cut: an image's tokens cannot be; a vision-language θ0's text-only "
+        "examples are not cut either)",
     )
     demo: DemoBaseConfig = Field(default_factory=DemoBaseConfig)
+    max_image_pixels: int | None = Field(
+        None,
+        ge=3136,
+        description="a vision-language θ0's pixel budget per image (Qwen: tokens = pixels / 28²; "
+        "larger images are resized down); null = its processor's own (Qwen2.5-VL: 12.8 M)",
+    )
     trainable: list[Literal["vision", "projector", "language"]] | None = Field(
         None,
         min_length=1,

@@ -188,7 +188,9 @@ def model_class(model_dir: str | Path):
     """``AutoModelForImageTextToText`` for a vision-language θ0, else ``AutoModelForCausalLM``."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
+    local = (Path(model_dir) / "config.json").is_file()
+    vision = local and is_vision_model(model_dir)
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
 def load_model(

@@ -34,7 +34,13 @@ from merit.lm import (
 )
 from merit.merge.manifest import BRANCH_MANIFEST_FILE
 from merit.plan.splitters import PlanError
-from merit.vision import default_trainable, is_vision_model, load_processor, text_tokenizer
+from merit.vision import (
+    default_trainable,
+    is_vision_model,
+    limit_pixels,
+    load_processor,
+    text_tokenizer,
+)
 
 MANIFEST = BRANCH_MANIFEST_FILE  # a finished branch or baseline: written last, atomically
 
@@ -233,7 +239,12 @@ class Run:
     @cached_property
     def processor(self):
         """What encodes examples: a vision-language θ0's processor, else its tokenizer."""
-        return load_processor(self.base_dir) if self.is_vision else load_tokenizer(self.base_dir)
+        if not self.is_vision:
+            return load_tokenizer(self.base_dir)
+        processor = load_processor(self.base_dir)
+        if self.cfg.model.max_image_pixels:
+            limit_pixels(processor, self.cfg.model.max_image_pixels)
+        return processor
 
     @property
     def tokenizer(self):

@@ -25,7 +25,9 @@ import torch
 GROUPS = ("vision", "projector", "language")
 # Names match both layouts: in memory (``model.visual.merger.``, ``model.vision_tower.``) and
 # on disk (``visual.merger.``, ``vision_tower.``), so the merge can read groups off file names.
-_PROJECTOR = re.compile(r"(^|\.)(multi_modal_projector|visual\.merger|mm_projector)\.")
+_PROJECTOR = re.compile(
+    r"(^|\.)(multi_modal_projector|visual\.merger|visual\.deepstack_merger_list|mm_projector|connector)\."
+)
 _VISION = re.compile(r"(^|\.)(visual|vision_tower|vision_model)\.")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 # Processors whose stock class needs torchvision (a video processor) even for still images.
@@ -136,6 +138,13 @@ def image_only_processor(name: str):
     return type(f"{name}ImageOnly", (parent,), {"__init__": __init__, "merit_saves_as": name})
 
 
+def _has_video_processor(model_dir: Path) -> bool:
+    if (model_dir / "video_preprocessor_config.json").is_file():
+        return True
+    f = model_dir / "processor_config.json"
+    return f.is_file() and "video_processor" in json.loads(f.read_text())
+
+
 def _saved_class(model_dir: Path) -> str | None:
     for name in _PROCESSOR_FILES:
         f = model_dir / name
@@ -149,9 +158,11 @@ def _saved_class(model_dir: Path) -> str | None:
 def load_processor(model_dir: str | Path):
     """θ0's processor (``AutoProcessor``), never a bare tokenizer.
 
-    Without torchvision (the CPU torch here has no matching one), Qwen2-VL and Qwen2.5-VL
-    processors are built from their slow (PIL) image processor and the tokenizer: the stock
-    classes insist on a video processor that needs torchvision, even for images.
+    Qwen2-VL and Qwen2.5-VL processors are built from their image processor and tokenizer alone
+    where the stock class cannot be: without torchvision (the CPU torch here has no matching
+    one; the slow PIL image processor is used) or without a saved video processor config (a
+    processor merit saved from such a build). The stock classes insist on a video processor,
+    which needs torchvision, even for images.
 
     Raises:
         ProcessorError: what ``AutoProcessor`` returned is no processor (transformers falls
@@ -163,7 +174,8 @@ def load_processor(model_dir: str | Path):
     model_dir = Path(model_dir)
     saved = _saved_class(model_dir)
     try:
-        if saved in _IMAGE_ONLY and not is_torchvision_available():
+        video = is_torchvision_available() and _has_video_processor(model_dir)
+        if saved in _IMAGE_ONLY and not video:
             proc = image_only_processor(saved).from_pretrained(str(model_dir))
         else:
             proc = AutoProcessor.from_pretrained(str(model_dir))
@@ -182,8 +194,10 @@ def load_processor(model_dir: str | Path):
 
 
 def save_processor(processor, out_dir: str | Path) -> None:
-    """``save_pretrained``, recording the stock class name so that ``AutoProcessor`` loads it
-    wherever torchvision is installed (and :func:`load_processor` where it is not)."""
+    """``save_pretrained``, recording the stock class name, never merit's image-only subclass:
+    ``AutoProcessor`` fails loudly on a class it does not know only by returning a bare tokenizer.
+    :func:`load_processor` loads it anywhere; ``AutoProcessor`` where a video processor config
+    sits beside it (θ0's own files from the hub, which merged models copy, have one)."""
     processor.save_pretrained(str(out_dir))
     stock = getattr(processor, "merit_saves_as", None)
     f = Path(out_dir) / "processor_config.json"
@@ -191,6 +205,34 @@ def save_processor(processor, out_dir: str | Path) -> None:
         config = json.loads(f.read_text())
         config["processor_class"] = stock
         f.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def limit_pixels(processor, max_pixels: int) -> None:
+    """Cap every image's pixels, so its tokens (Qwen: pixels / 28²): larger images are resized
+    down, keeping their aspect, by the processor itself wherever it is used (calibration,
+    TRL's collator, evaluation).
+
+    Raises:
+        ProcessorError: the image processor resizes to a fixed size (LLaVA's CLIP), with no
+            pixel budget to cap.
+    """
+    import dataclasses
+
+    ip = processor.image_processor
+    size = getattr(ip, "size", None)  # a dict, or transformers' SizeDict dataclass
+    if getattr(size, "longest_edge", None) is None and not (
+        isinstance(size, dict) and "longest_edge" in size
+    ):
+        raise ProcessorError(
+            f"model.max_image_pixels: {type(ip).__name__} resizes every image to a fixed size; "
+            "it has no pixel budget to cap"
+        )
+    if dataclasses.is_dataclass(size):
+        ip.size = dataclasses.replace(size, longest_edge=max_pixels)
+    else:
+        ip.size = {**size, "longest_edge": max_pixels}
+    if getattr(ip, "max_pixels", None) is not None:
+        ip.max_pixels = max_pixels
 
 
 def text_tokenizer(tokenizer_or_processor):
@@ -204,10 +246,12 @@ def is_processor(obj) -> bool:
 
 # -- images as model inputs ----------------------------------------------------------------------
 def open_image(path: str):
-    from PIL import Image
+    """An image as RGB, turned upright by its EXIF orientation as transformers' ``load_image``
+    (what TRL's collator uses on paths) does: calibration, training and evaluation see one image."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
-        return img.convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,12 @@ STAGES = ("calibrate", "plan", "train", "merge", "evaluate", "diagnose")
 
 
 def _config(tmp_path: Path, specs, base: Path, name: str = "run", **sections) -> Path:
-    return write_run_config(
-        tmp_path / f"{name}.yaml",
-        tmp_path / name,
-        specs,
-        base,
-        training={"learning_rate": 3e-3, "batch_size": 8},
-        evaluation={"max_examples": 6, "max_generate": 3, "max_new_tokens": 6, "batch_size": 16},
+    sections = {
+        "training": {"learning_rate": 3e-3, "batch_size": 8},
+        "evaluation": {"max_examples": 6, "max_generate": 3, "max_new_tokens": 6, "batch_size": 16},
         **sections,
-    )
+    }
+    return write_run_config(tmp_path / f"{name}.yaml", tmp_path / name, specs, base, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +83,7 @@ def test_every_stage_on_images(vision_run, vlm_specs, tiny_vlm):
     for f in ("processor_config.json", "chat_template.jinja", "tokenizer.json"):
         assert (run / "merged" / f).read_bytes() == (tiny_vlm / f).read_bytes()
     stock = json.loads((run / "merged" / "processor_config.json").read_text())
-    assert stock["processor_class"] == "Qwen2VLProcessor"  # AutoProcessor's, given torchvision
+    assert stock["processor_class"] == "Qwen2VLProcessor"  # the stock class, not merit's build
 
     # Diagnostics measure the space the branches moved in: the trainable parameters only.
     diag = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
@@ -181,3 +178,24 @@ def test_bad_image_data_stops_before_any_work(tmp_path, vlm_specs, tiny_vlm, tin
     assert main(["calibrate", str(text_only)]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("[merit]")]
     assert len(err) == 1 and "the data has images but θ0" in err[0] and "text-only" in err[0]
+
+
+def test_lora_branches_adapt_the_language_model_only(tmp_path, vlm_specs, tiny_vlm):
+    cfg = _config(
+        tmp_path,
+        vlm_specs,
+        tiny_vlm,
+        training={"learning_rate": 1e-2, "batch_size": 8, "lora": {"r": 2}},
+    )
+    for stage in ("train", "merge"):
+        assert main([stage, str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "plan.json").read_text())["trainable"] == ["language"]
+    base = load_file(tiny_vlm / "model.safetensors")
+    merged = load_file(run / "merged" / "model.safetensors")
+    moved = {param_group(n) for n in base if not torch.equal(base[n], merged[n])}
+    assert moved == {"language"}
+    adapter = load_file(run / "merged-adapter" / "adapter_model.safetensors")
+    assert adapter and {param_group(n.removeprefix("base_model.model.")) for n in adapter} == {
+        "language"
+    }

@@ -48,6 +48,7 @@ def test_vision_example_config_validates_with_its_data_layout(tmp_path):
     cfg = load_config(tmp_path / "vl.yaml")
     assert cfg.model.path == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert cfg.model.trainable == ["projector", "language"]
+    assert cfg.model.max_image_pixels == 1024 * 28 * 28
     assert cfg.planning.groups == 4 and cfg.calibration.sketch_dim >= 2**18
     for spec in cfg.data.datasets:
         images = Path(spec.image_dir)

@@ -144,3 +144,80 @@ def test_batch_pixels_concatenates_images_and_pads_token_types(tiny_vlm, tmp_pat
     image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert torch.equal(types.bool(), batch["input_ids"] == image_id)
     assert batch_pixels([None, None], 5) == {}
+
+
+def test_a_llava_checkpoint_goes_through_the_same_code(tmp_path):
+    """LLaVA: AutoProcessor (LlavaProcessor, slow CLIP image processor), image tokens counted,
+    scored and decoded with its images."""
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessorPil, LlavaProcessor
+
+    from merit.demo import build_tokenizer
+    from merit.demo_vision import CHAT_TEMPLATE
+    from merit.evaluate.scoring import greedy_decode, render
+    from merit.lm import token_nll_sum
+
+    tok = build_tokenizer(["what colour is the square? red blue same no"] * 4, 300, ("<image>",))
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "<|vision_start|><|image_pad|><|vision_end|>", "<image>"
+    )
+    config = _llava()
+    config.text_config.vocab_size = len(tok)
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / "llava")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+    )
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    ).save_pretrained(tmp_path / "llava")
+    proc = load_processor(tmp_path / "llava")
+    assert type(proc).__name__ == "LlavaProcessor"
+    a, b = _square(tmp_path / "a.png", "red"), _square(tmp_path / "b.png", "blue")
+    examples = [
+        Example(({"role": "user", "content": "<image>What colour?"},), "red", images=(a,)),
+        Example(({"role": "user", "content": "<image><image>Same?"},), "no", images=(a, b)),
+    ]
+    enc = encode(proc, examples, max_length=64)
+    assert [e.input_ids.count(config.image_token_id) for e in enc] == [4, 8]  # (28/14)² each
+    model = load_model(tmp_path / "llava", torch.device("cpu"), trainable=("projector", "language"))
+    batch = pad_batch(enc, proc.tokenizer.pad_token_id, "cpu")
+    assert batch["pixel_values"].shape == (3, 3, 28, 28)
+    assert torch.isfinite(token_nll_sum(model, batch))
+    prompts = [p for p, _ in render(proc, examples)]
+    outs = greedy_decode(model, proc, prompts, 3, 2, 64, images=[e.images for e in examples])
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_a_pixel_budget_caps_image_tokens(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    from merit.vision import limit_pixels
+
+    Image.new("RGB", (448, 448), "red").save(tmp_path / "big.png")
+    big = Example(
+        ({"role": "user", "content": "<image>Colour?"},), "red", images=(str(tmp_path / "big.png"),)
+    )
+    proc = load_processor(tiny_vlm)
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert encode(proc, [big], 64)[0].input_ids.count(pad) == 256  # (448/28)²
+    limit_pixels(proc, 112 * 112)
+    (enc,) = encode(proc, [big], 64)
+    assert enc.input_ids.count(pad) == 16  # (112/28)²: resized down by the processor itself
+    assert pad_batch([enc], 0, "cpu")["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_exif_rotated_images_are_upright(tmp_path):
+    from PIL import Image
+
+    from merit.vision import open_image
+
+    img = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to view
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert open_image(str(tmp_path / "r.jpg")).size == (20, 40)  # as transformers' load_image

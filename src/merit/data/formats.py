@@ -45,6 +45,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -253,13 +254,30 @@ def _image_paths(record: dict, where: str, root: Path | None) -> tuple[str, ...]
     items = value if isinstance(value, (list, tuple)) else [value]
     paths = []
     for item in items:
-        if isinstance(item, dict):  # a datasets Image feature saved with its path
-            item = item.get("path")
+        if isinstance(item, dict):  # a datasets Image feature: its bytes, or where it was
+            item = _spilled(item["bytes"]) if item.get("bytes") else item.get("path")
         if not isinstance(item, str) or not item:
-            raise DataError(f"{where}: images must be file paths (strings)")
+            raise DataError(f"{where}: images must be file paths or datasets Image features")
         p = Path(item).expanduser()
         paths.append(str(p if p.is_absolute() or root is None else root / p))
     return tuple(paths)
+
+
+def _spilled(data: bytes) -> str:
+    """An image stored inside a dataset (Parquet, ``save_to_disk``), written once to a file
+    named by its sha256 (the same path on every run and machine, so examples stay comparable):
+    batches are built from image files."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "merit-images"
+    path = folder / hashlib.sha256(data).hexdigest()
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: branches loading the same data at once agree
+    return str(path)
 
 
 def _place_images(messages: tuple, images: tuple[str, ...], where: str) -> tuple:

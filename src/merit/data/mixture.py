@@ -170,8 +170,13 @@ def load_mixture(
         for name, path, fmt in sources:
             data = load_dataset(name, path, fmt, image_dirs.get(name))
             splits = split_indices(len(data.examples), name, cfg.split, base)
-            out.append(MixtureDataset(data, splits, file_sha256(path) if hashes else ""))
-            check_images(out[-1])  # a missing image fails here, before any long work
+            ds = MixtureDataset(data, splits)
+            images = check_images(ds)  # a missing image fails here, before any long work
+            if hashes:
+                ds.file_hash = file_sha256(path)
+                if images:
+                    ds.file_hash = hashlib.sha256(f"{ds.file_hash}:{images}".encode()).hexdigest()
+            out.append(ds)
         return out
 
     mixture = Mixture(load(train, base_examples), load(unseen, 0))
@@ -254,6 +259,11 @@ def render(tokenizer, examples: Sequence[Example]) -> list[tuple[str, str]]:
         answer = vision_messages(ex, answer=True)[0] if vision else _turn("assistant", ex.answer)
         prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template([*msgs, answer], tokenize=False)
+        if vision and not full.startswith(prompt):
+            # TRL's vision collator (which trains these) takes the common prefix as the prompt.
+            pairs = enumerate(zip(prompt, full))
+            same = next((i for i, (a, b) in pairs if a != b), min(len(prompt), len(full)))
+            prompt = prompt[:same]
         if not full.startswith(prompt):
             # Some templates rewrite earlier turns once an answer follows; fall back to the
             # plain answer so the loss still covers exactly the answer text.

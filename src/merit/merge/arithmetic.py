@@ -185,11 +185,15 @@ class MergeTerms:
     def pieces(self, name: str, out_dtype: torch.dtype, pool: Executor) -> Iterator[Future]:
         """Futures of the output bytes of tensor ``name``, in order, one per chunk."""
         base = self.base_specs[name]
-        if not base.is_floating or (name in self.keep and out_dtype == base.torch_dtype):
-            # Validated identical in every branch: θ0's bytes, as stored. A frozen parameter
-            # too: Σ w_k θ0 in floating point need not round back to θ0 exactly.
+        if not base.is_floating or name in self.keep:
+            # Validated identical in every branch: θ0's bytes, as stored (cast once for another
+            # output dtype). A frozen parameter too: Σ w_k θ0 need not round back to θ0.
             done: Future = Future()
-            done.set_result(self.mapped.raw(base))
+            if base.is_floating and out_dtype != base.torch_dtype:
+                cast = self.mapped.tensor(base).to(out_dtype)
+                done.set_result(cast.view(torch.uint8).numpy())
+            else:
+                done.set_result(self.mapped.raw(base))
             yield done
             return
         views = [(self.mapped.tensor(spec), c) for spec, c in self.sources(name)]

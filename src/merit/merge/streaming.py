@@ -71,7 +71,7 @@ class MergeOptions:
         max_shard_bytes: largest tensor data per output file; beyond it the output is sharded
             as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
         keep: tensors that are θ0's in every checkpoint (frozen parameters): written as θ0's
-            bytes (when the output keeps θ0's dtype), and refused where a checkpoint differs.
+            bytes (cast once to ``dtype`` if given), and refused where a checkpoint differs.
         metadata: extra JSON-able information recorded under "metadata" in the manifest.
         hash_cache: directory of a :class:`~merit.merge.hashing.HashCache` for input hashes;
             ``None`` hashes anew.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from merit.config import LoraConfig
+from merit.config import ConfigError, LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,21 +33,17 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def wrap_lora(model, cfg: LoraConfig):
     """θ0 with fresh PEFT LoRA adapters; only the adapters train.
 
-    On a vision-language model, ``all-linear`` means the linear layers of the trainable groups
-    (``model.trainable``; by default the language model's), never the head: PEFT's own
-    ``all-linear`` would adapt the vision tower too.
+    With frozen parameters (a vision-language θ0's ``model.trainable``), adapters go only on the
+    linear layers of the trainable groups (by default the language model's), never the head:
+    PEFT would otherwise match ``all-linear``, or names like ``q_proj``, in the vision tower
+    too, which calibration did not sketch and the merge keeps as θ0's.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     targets = cfg.target_modules
-    if targets == "all-linear" and any(not p.requires_grad for p in model.parameters()):
-        head = model.get_output_embeddings()
-        targets = [
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m is not head
-        ]
+    if any(not p.requires_grad for p in model.parameters()):
+        targets = _trainable_linears(model, targets)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -57,6 +53,25 @@ def wrap_lora(model, cfg: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def _trainable_linears(model, targets: list[str] | str) -> list[str]:
+    """Full names of the linear layers ``targets`` names (PEFT's rule: the name or its last
+    parts; ``all-linear``: every one but the head) whose weights may train."""
+    head = model.get_output_embeddings()
+    out = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and m.weight.requires_grad
+        and m is not head
+        and (targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets))
+    ]
+    if not out:
+        raise ConfigError(
+            f"training.lora.target_modules={targets}: no linear layer of the trainable groups"
+        )
+    return out
 
 
 def save_lora_branch(peft_model, out_dir: str | Path, dtype: torch.dtype) -> None:

@@ -191,7 +191,8 @@ def sft_config(
         restore_callback_states_from_checkpoint=False,
         report_to=[],
         disable_tqdm=not progress,
-        ddp_find_unused_parameters=False if distributed else None,
+        # A vision-language batch without images leaves the projector without gradients.
+        ddp_find_unused_parameters=(None if vision else False) if distributed else None,
         dataloader_num_workers=0,
         remove_unused_columns=True,
     )
@@ -409,8 +410,7 @@ def train_sft(
     """Train ``model`` on ``records`` and save it (safetensors) to ``out_dir/model``.
 
     For a vision-language model ``tokenizer`` is its processor and ``examples`` (aligned with
-    ``records``) are what TRL's vision collator reads; ``records`` still fix the order and the
-    token count, which must equal what the collator fed (checked by the caller).
+    ``records``, which fix the order and the token count) are what TRL's vision collator reads.
 
     Weights are saved in ``save_dtype`` (θ0's dtype), so every branch has θ0's tensor layout.
     With ``cfg.lora`` the model is wrapped in PEFT LoRA adapters; the adapter is saved to
@@ -450,14 +450,8 @@ def train_sft(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer_ref: list = []
     with preemption_signals() as flag:
-        callback = _branch_callback(
-            trainer_ref,
-            flag,
-            run_key,
-            tokens_start,
-            out_dir / PROGRESS_FILE if checkpoint_steps else None,
-            label,
-        )
+        progress_file = out_dir / PROGRESS_FILE if checkpoint_steps else None
+        callback = _branch_callback(trainer_ref, flag, run_key, tokens_start, progress_file, label)
         trainer = _trainer_class()(
             model=model,
             args=args,

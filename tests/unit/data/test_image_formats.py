@@ -142,3 +142,19 @@ def test_a_missing_or_unreadable_image_names_dataset_record_and_path(tmp_path, b
     assert "\n" not in msg
     assert msg.startswith("colour: record 7: image ") and str(tmp_path / "img" / "7.png") in msg
     assert why in msg
+
+
+def test_images_stored_inside_a_saved_dataset(tmp_path):
+    """A datasets Image feature keeps the image's bytes; merit writes them to a file named by
+    their sha256 (the same on every run) instead of chasing the original path."""
+    import datasets
+
+    _png(tmp_path / "a.png")
+    rows = {"images": [[str(tmp_path / "a.png")]] * 3, "prompt": ["Colour?"] * 3}
+    rows["completion"] = ["red"] * 3
+    ds = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "a.png").unlink()  # only the dataset's own copy is left
+    first, second, _ = load_dataset("saved", tmp_path / "saved").examples
+    assert first.images == second.images and Path(first.images[0]).is_file()
+    assert Path(first.images[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,3 +46,15 @@ def test_a_branch_whose_frozen_tensor_moved_is_refused(tmp_path):
             base, [good, moved], [0.5, 0.5], tmp_path / "out", keep=frozenset({UP}), progress=False
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_frozen_tensors_are_cast_once_to_another_output_dtype(tmp_path):
+    base = save_model(tmp_path / "base", dtype=torch.float32)
+    dirs = [save_model(tmp_path / f"b{k}", seed=k + 1) for k in range(2)]
+    for d in dirs:  # UP frozen: θ0's in every branch
+        t = read_tensors(d) | {UP: read_tensors(base)[UP]}
+        save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    keep = frozenset({UP})
+    merge_checkpoints(base, dirs, [0.3, 0.7], out, keep=keep, dtype="bfloat16", progress=False)
+    assert torch.equal(read_tensors(out)[UP], read_tensors(base)[UP].bfloat16())

@@ -3,6 +3,7 @@ LoRA adapts only the trainable groups."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from merit.config import LoraConfig
@@ -43,3 +44,16 @@ def test_lora_adapts_the_language_model_only(tiny_vlm):
     assert adapted and all(".lora_" in n for n, p in peft.named_parameters() if p.requires_grad)
     assert {param_group(n.removeprefix("base_model.model.")) for n in adapted} == {"language"}
     assert not any("lm_head" in n for n in adapted)
+
+
+def test_lora_names_never_reach_a_frozen_tower(tiny_vlm):
+    from merit.config import ConfigError
+
+    # "qkv" and "fc1"/"fc2" name linear layers of the vision tower only; "mlp.0" the projector.
+    model = load_model(tiny_vlm, torch.device("cpu"), trainable=("language",))
+    peft = wrap_lora(model, LoraConfig(r=2, target_modules=["q_proj", "qkv", "fc1"]))
+    adapted = {n.split(".lora_")[0] for n, p in peft.named_parameters() if p.requires_grad}
+    assert adapted and all(n.endswith("q_proj") for n in adapted)
+    model = load_model(tiny_vlm, torch.device("cpu"), trainable=("language",))
+    with pytest.raises(ConfigError, match="no linear layer of the trainable groups"):
+        wrap_lora(model, LoraConfig(r=2, target_modules=["qkv"]))
