@@ -239,9 +239,14 @@ class Run:
     @cached_property
     def processor(self):
         """What encodes examples: a vision-language θ0's processor, else its tokenizer."""
+        from transformers.utils import is_torchvision_available
+
         if not self.is_vision:
             return load_tokenizer(self.base_dir)
         processor = load_processor(self.base_dir)
+        if not is_torchvision_available():  # transformers' fast image processors need it
+            name = type(processor.image_processor).__name__
+            self.say(f"θ0's image processor: {name}, the slow (PIL) one (no usable torchvision)")
         if self.cfg.model.max_image_pixels:
             limit_pixels(processor, self.cfg.model.max_image_pixels)
         return processor

@@ -180,7 +180,7 @@ def test_bad_image_data_stops_before_any_work(tmp_path, vlm_specs, tiny_vlm, tin
     assert len(err) == 1 and "the data has images but θ0" in err[0] and "text-only" in err[0]
 
 
-def test_lora_branches_adapt_the_language_model_only(tmp_path, vlm_specs, tiny_vlm):
+def test_lora_branches_adapt_the_language_model_only(tmp_path, vlm_specs, tiny_vlm, capsys):
     cfg = _config(
         tmp_path,
         vlm_specs,
@@ -189,6 +189,10 @@ def test_lora_branches_adapt_the_language_model_only(tmp_path, vlm_specs, tiny_v
     )
     for stage in ("train", "merge"):
         assert main([stage, str(cfg)]) == 0
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():  # as here: merit says it uses the slow image processor
+        assert "Qwen2VLImageProcessorPil, the slow (PIL) one" in capsys.readouterr().err
     run = tmp_path / "run"
     assert json.loads((run / "plan.json").read_text())["trainable"] == ["language"]
     base = load_file(tiny_vlm / "model.safetensors")

@@ -90,7 +90,7 @@ def test_processor_loads_and_never_falls_back_to_a_tokenizer(tiny_vlm, tmp_path)
 
     proc = load_processor(tiny_vlm)
     assert isinstance(proc, ProcessorMixin)
-    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"  # no torchvision here
+    assert type(proc.image_processor).__name__.startswith("Qwen2VLImageProcessor")
     unknown = tmp_path / "unknown"
     shutil.copytree(tiny_vlm, unknown)
     cfg = json.loads((unknown / "processor_config.json").read_text())
