@@ -158,3 +158,14 @@ def test_images_stored_inside_a_saved_dataset(tmp_path):
     first, second, _ = load_dataset("saved", tmp_path / "saved").examples
     assert first.images == second.images and Path(first.images[0]).is_file()
     assert Path(first.images[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_image_replaced_is_new_data(tmp_path):
+    from PIL import Image
+
+    cfg = _mixture_with(tmp_path, "none")
+    _png(tmp_path / "img" / "7.png")
+    before = load_mixture(cfg).datasets[0].file_hash
+    assert load_mixture(cfg).datasets[0].file_hash == before
+    Image.new("RGB", (112, 56), "blue").save(tmp_path / "img" / "3.png")
+    assert load_mixture(cfg).datasets[0].file_hash != before
