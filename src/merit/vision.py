@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from merit.config import ConfigError
+
 GROUPS = ("vision", "projector", "language")
 # Names match both layouts: in memory (``model.visual.merger.``, ``model.vision_tower.``) and
 # on disk (``visual.merger.``, ``vision_tower.``), so the merge can read groups off file names.
@@ -51,26 +53,24 @@ def default_trainable(lora: bool) -> tuple[str, ...]:
     """What trains when ``model.trainable`` is not set.
 
     Full fine-tuning trains the projector and the language model with the vision tower frozen,
-    the usual recipe for instruction-tuning an already instruction-tuned Qwen2.5-VL or LLaVA
-    (the paper's setting, §5). LoRA adapts only the language model's linear layers.
+    the usual recipe for instruction-tuning an already instruction-tuned Qwen2.5-VL or LLaVA.
+    The paper's setting is Qwen2.5-VL (§5); which parts it trains is not confirmed here, so
+    this is a default to check against one's own recipe. LoRA adapts only the language model's
+    linear layers.
     """
     return ("language",) if lora else ("projector", "language")
 
 
-def freeze(model: torch.nn.Module, groups: Sequence[str]) -> list[str]:
-    """Set ``requires_grad`` by group; return the names of the trainable parameters.
+def freeze(model: torch.nn.Module, groups: Sequence[str]) -> None:
+    """Set ``requires_grad`` by group.
 
     Raises:
-        ValueError: no parameter of ``model`` is in ``groups``.
+        ConfigError: no parameter of ``model`` is in ``groups`` (``model.trainable``).
     """
-    names = []
     for name, p in model.named_parameters():
         p.requires_grad_(param_group(name) in groups)
-        if p.requires_grad:
-            names.append(name)
-    if not names:
-        raise ValueError(f"model.trainable={list(groups)} leaves no parameter of θ0 to train")
-    return names
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.trainable={list(groups)} leaves no parameter of θ0 to train")
 
 
 def frozen_tensors(names: Iterable[str], groups: Sequence[str]) -> frozenset[str]:

@@ -43,6 +43,7 @@ and line (JSONL, 1-based) or record (other formats, 0-based index).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -267,7 +268,6 @@ def _spilled(data: bytes) -> str:
     """An image stored inside a dataset (Parquet, ``save_to_disk``), written once to a file
     named by its sha256 (the same path on every run and machine, so examples stay comparable):
     batches are built from image files."""
-    import hashlib
     import tempfile
 
     folder = Path(tempfile.gettempdir()) / "merit-images"

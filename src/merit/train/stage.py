@@ -185,9 +185,7 @@ def _train_one(run: Run, plan: Plan, job: Job) -> BranchManifest:
                 shutil.rmtree(job.out / sub, ignore_errors=True)
         t0 = time.perf_counter()
         res, layout = _fit(run, job, p_hash)
-        manifest = _manifest(run, job, p_hash, res, time.perf_counter() - t0)
-        manifest.trainable = list(run.trainable) if run.trainable else None
-        manifest.layout = layout
+        manifest = _manifest(run, job, p_hash, res, time.perf_counter() - t0, layout)
         if _main_process():
             manifest.save(manifest_path)  # last: a manifest means the job is complete
             shutil.rmtree(job.out / "trainer", ignore_errors=True)  # checkpoints: not needed
@@ -242,7 +240,7 @@ def _fit(run: Run, job: Job, p_hash: str):
     return res, layout
 
 
-def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float) -> BranchManifest:
+def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float, layout: str) -> BranchManifest:
     weights = {
         str(f.relative_to(job.out)): sha256_file(f)
         for sub in ("model", "adapter")
@@ -276,6 +274,8 @@ def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float) -> BranchMan
         losses=res.losses,
         seconds=seconds,
         weights=weights,
+        trainable=list(run.trainable) if run.trainable else None,
+        layout=layout,
     )
 
 
