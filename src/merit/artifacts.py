@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,7 +72,10 @@ class Artifact:
     """A stage's output as typed data: ``to_json`` is exactly what is written, ``from_json`` reads
     it back (keys it does not know are ignored, so older merit versions' extra keys are harmless;
     missing ones take the field's default). Fields with ``metadata={"json": False}`` are
-    in-memory only (tensors, say)."""
+    in-memory only (tensors, say). ``stamp`` is what the executor (:mod:`merit.graph`) reuses it
+    by: the stage's version, settings, θ0 and inputs it was made from."""
+
+    stamp: dict = field(default_factory=dict, kw_only=True)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}

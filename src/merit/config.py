@@ -2,8 +2,8 @@
 
 The config separates *what* the experiment is (model, data, calibration, planning, training,
 merging, evaluation) from *how* it runs (``runtime``: device, threads, progress bars). Each stage's
-artifacts record the hash of exactly the settings it reads (:data:`STAGE_SETTINGS`), so changing an
-evaluation setting re-runs evaluation only, and ``runtime`` never re-runs anything.
+artifacts record the hash of exactly the settings it reads (the sections its stage declares), so
+changing an evaluation setting re-runs evaluation only, and ``runtime`` never re-runs anything.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-
-class ConfigError(ValueError):
-    """Invalid run configuration (one line per problem)."""
+from merit.errors import ConfigError
+from merit.registry import registered
 
 
 class _Section(BaseModel):
@@ -347,19 +353,11 @@ class DiagnosticsConfig(_Section):
     gain_agreement: float = Field(0.5, gt=0, description="|predicted − measured| / |measured|")
 
 
+# The default rows of ``merit compare``, in table order; any registered row may be named.
 COMPARE_ROWS = (
-    "base",
-    "joint",
-    "joint-2ep",
-    "joint-lr",
-    "shrink",
-    "random",
-    "soup",
-    "merit-1d",
-    "merit-2d",
-    "merit-3d",
-    "gain",
-)
+    "base", "joint", "joint-2ep", "joint-lr", "shrink", "random", "soup",
+    "merit-1d", "merit-2d", "merit-3d", "gain",
+)  # fmt: skip
 
 
 class CompareConfig(_Section):
@@ -372,8 +370,9 @@ class CompareConfig(_Section):
     unseen tasks.
     """
 
-    rows: list[Literal[COMPARE_ROWS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(COMPARE_ROWS), description="which rows, in table order"
+    rows: list[str] = Field(
+        default_factory=lambda: list(COMPARE_ROWS),
+        description="which rows (any registered compare row), in table order",
     )
     seeds: list[int] | None = Field(
         None,
@@ -399,6 +398,15 @@ class CompareConfig(_Section):
     train_loss_examples: int = Field(
         64, ge=1, description="train examples for the train-loss gap (diagnostics)"
     )
+
+    @field_validator("rows")
+    @classmethod
+    def _known_rows(cls, rows: list[str]) -> list[str]:
+        known = registered("compare row")
+        bad = [r for r in rows if r not in known]
+        if bad:
+            raise ValueError(f"unknown row {bad[0]!r} (known: {', '.join(known)})")
+        return rows
 
     @model_validator(mode="after")
     def _grids(self) -> CompareConfig:
@@ -456,39 +464,27 @@ class RunConfig(_Section):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
-    def settings(self, stage: str) -> dict[str, Any]:
-        """The settings ``stage`` reads (its own section and every upstream one), defaults left
-        out: a new setting whose default keeps the old behaviour changes no stage's hash."""
+    def settings(self, *sections: str) -> dict[str, Any]:
+        """The settings of ``sections`` (a stage's declared reads), defaults left out: a new
+        setting whose default keeps the old behaviour changes no stage's hash."""
         return _prune(
-            self.model_dump(
-                mode="json", include=set(STAGE_SETTINGS[stage]), exclude=_HOW, exclude_defaults=True
-            )
+            self.model_dump(mode="json", include=set(sections), exclude=_HOW, exclude_defaults=True)
         )
 
-    def settings_hash(self, stage: str) -> str:
+    def settings_hash(self, *sections: str) -> str:
         """sha256 of :meth:`settings`: what a stage's artifacts record, and are reused by."""
-        blob = json.dumps(self.settings(stage), sort_keys=True).encode()
+        blob = json.dumps(self.settings(*sections), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def experiment_hash(self) -> str:
         """sha256 of the experiment: the settings the trained branches depend on."""
-        return self.settings_hash("train")
+        return self.settings_hash(*EXPERIMENT)
 
 
-# What each stage reads, upstream included. A run directory holds one experiment (the sections
-# up to training: changing them means retraining); merging, evaluation, diagnostics and runtime
-# may change between commands and re-run only the stages that read them.
-_TRAINED = ("seed", "model", "data", "calibration", "planning", "training")
-STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "data": ("seed", "model", "data"),
-    "calibrate": ("seed", "model", "data", "calibration"),
-    "plan": ("seed", "model", "data", "calibration", "planning"),
-    "train": _TRAINED,
-    "merge": (*_TRAINED, "merging"),
-    "evaluate": ("seed", "model", "data", "evaluation"),
-    "diagnose": ("seed", "model", "data", "diagnostics"),
-}
-EXPERIMENT = _TRAINED
+# A run directory holds one experiment: the sections up to training (changing them means
+# retraining); merging, evaluation, diagnostics and runtime may change between commands and
+# re-run only the stages that read them (each stage declares the sections it reads).
+EXPERIMENT = ("seed", "model", "data", "calibration", "planning", "training")
 # Settings inside "what" sections that only change how fast a stage runs, or which jobs run,
 # never what any job computes: a joint baseline added later leaves the branches valid.
 _HOW: dict[str, Any] = {"calibration": {"streaming"}, "training": {"baselines"}}

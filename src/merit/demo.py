@@ -22,6 +22,7 @@ import torch
 
 from merit.config import DemoBaseConfig, TrainingConfig
 from merit.data.mixture import Mixture, encode, render
+from merit.train.sft import train_sft
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -114,7 +115,6 @@ def build_demo_base(
     progress: bool = True,
 ) -> Path:
     """Build (or find in ``cache``) the demo θ0 and return its model directory."""
-    from merit.train.sft import train_sft
 
     key = demo_base_key(cfg, mixture, max_length, seed)
     target = cache / "base" / f"demo-{key}"

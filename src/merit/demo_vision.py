@@ -16,6 +16,9 @@ import json
 import random
 from pathlib import Path
 
+from merit.demo import build_tokenizer
+from merit.vision import image_only_processor, save_processor
+
 IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 # Qwen2-VL's chat template, without its tool and video branches.
 CHAT_TEMPLATE = (
@@ -190,9 +193,6 @@ def build_tiny_vlm(
         Qwen2VLConfig,
         Qwen2VLImageProcessorPil,
     )
-
-    from merit.demo import build_tokenizer
-    from merit.vision import image_only_processor, save_processor
 
     path = Path(path)
     tok = build_tokenizer(texts, vocab_size, IMAGE_TOKENS)

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from merit.config import RuntimeConfig
-from merit.vision import Pixels, batch_pixels, freeze, is_vision_model
+from merit.artifacts import read_json, write_json
+from merit.config import RunConfig, RuntimeConfig
+from merit.errors import StageError
+from merit.gguf import NAMED_MODELS, ModelSourceError, convert_gguf, is_gguf, named_model
+from merit.vision import (
+    Pixels,
+    batch_pixels,
+    default_trainable,
+    freeze,
+    is_vision_model,
+    limit_pixels,
+    load_processor,
+    text_tokenizer,
+)
 
 WEIGHT_SUFFIX = ".safetensors"
 IGNORE = -100
@@ -119,8 +132,6 @@ def _hub_id(path: str) -> bool:
 def check_model_path(path: str) -> None:
     """Cheap checks of ``model.path`` before any work: a directory with a config, a GGUF file, a
     known name, or a hub id. Building the demo θ0 and downloads come later."""
-    from merit.gguf import NAMED_MODELS, ModelSourceError, is_gguf
-
     if path == "demo" or path in NAMED_MODELS:
         return
     p = Path(path).expanduser()
@@ -144,8 +155,6 @@ def local_model_dir(path: str, cache: Path, progress: bool = True) -> Path:
     """θ0's local Hugging Face directory: the directory itself; a GGUF file or a named model
     converted once into the cache (:mod:`merit.gguf`); a hub id's snapshot (cached, else
     downloaded)."""
-    from merit.gguf import NAMED_MODELS, convert_gguf, named_model
-
     check_model_path(path)
     if path in NAMED_MODELS:
         return named_model(path, cache, progress)
@@ -282,3 +291,76 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
             seen.add(id(p))
             out.append((name, p))
     return out
+
+
+class Base:
+    """θ0 as every stage sees it: its local directory, fingerprint, processor (or tokenizer),
+    the parameter groups that train, and the model itself, each found once and on demand.
+
+    ``find`` returns θ0's directory (a download, a GGUF conversion, or the demo's build);
+    ``record`` is where the fingerprint is cached by the files' sizes and mtimes.
+    """
+
+    def __init__(self, cfg: RunConfig, find: Callable[[], Path], record: Path, say=print):
+        self.cfg = cfg
+        self._find = find
+        self._record = record
+        self._say = say
+        self.device = resolve_device(cfg.runtime)
+
+    @cached_property
+    def dir(self) -> Path:
+        return self._find()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        d = self.dir
+        stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(d.glob("*"))]
+        if self._record.is_file():
+            rec = read_json(self._record)
+            if rec.get("path") == str(d) and rec.get("stamp") == [list(s) for s in stamp]:
+                return rec["fingerprint"]
+        fp = fingerprint(d)
+        write_json(self._record, {"path": str(d), "fingerprint": fp, "stamp": stamp})
+        return fp
+
+    @cached_property
+    def is_vision(self) -> bool:
+        """Whether θ0 is a vision-language model (:mod:`merit.vision`)."""
+        return is_vision_model(self.dir)
+
+    @cached_property
+    def processor(self):
+        """What encodes examples: a vision-language θ0's processor, else its tokenizer."""
+        from transformers.utils import is_torchvision_available  # transformers is heavy
+
+        if not self.is_vision:
+            return load_tokenizer(self.dir)
+        processor = load_processor(self.dir)
+        if not is_torchvision_available():  # transformers' fast image processors need it
+            name = type(processor.image_processor).__name__
+            self._say(f"θ0's image processor: {name}, the slow (PIL) one (no usable torchvision)")
+        if self.cfg.model.max_image_pixels:
+            limit_pixels(processor, self.cfg.model.max_image_pixels)
+        return processor
+
+    @property
+    def tokenizer(self):
+        return text_tokenizer(self.processor)
+
+    @cached_property
+    def trainable(self) -> tuple[str, ...] | None:
+        """The parameter groups that train (the same for calibration, branches and joint);
+        None for a text-only θ0, which trains every parameter."""
+        groups = self.cfg.model.trainable
+        if not self.is_vision:
+            if groups is not None and "language" not in groups:
+                raise StageError(
+                    f"model.trainable={groups}: θ0 is a text-only model, all of it language"
+                )
+            return None
+        return tuple(groups) if groups else default_trainable(self.cfg.training.lora is not None)
+
+    def load(self):
+        """A fresh copy of θ0 on the run's device, its frozen groups frozen."""
+        return load_model(self.dir, self.device, self.cfg.model.dtype, self.trainable)

@@ -277,11 +277,13 @@ def test_merge_refuses_listing_every_problem(planned, capsys):
     plan["groups"][1]["tokens"] += 1
     (run / "plan.json").write_text(json.dumps(plan))
     from merit.config import load_config
+    from merit.context import open_context
+    from merit.errors import StageError
     from merit.merge.stage import verify_branches
     from merit.plan.stage import Plan
-    from merit.run import Run, StageError
+    from merit.run import Run
 
-    r = Run(load_config(planned["cfg"], [f"run_dir={run}"]))
+    r = open_context(Run(load_config(planned["cfg"], [f"run_dir={run}"])))
     with pytest.raises(StageError) as exc:
         verify_branches(r, Plan.from_json(plan))
     msg = str(exc.value)

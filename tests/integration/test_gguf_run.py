@@ -43,6 +43,7 @@ def test_scores_equal_the_gguf_loaded_directly(gguf_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merit.config import load_config
+    from merit.context import open_context
     from merit.evaluate.scoring import evaluate_model
     from merit.gguf import _dequantize_kwargs
     from merit.run import Run
@@ -51,12 +52,12 @@ def test_scores_equal_the_gguf_loaded_directly(gguf_run):
     direct = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=str(path), dtype=torch.float32, **_dequantize_kwargs()
     )
-    run = Run(load_config(gguf_run["cfg"]))
+    run = open_context(Run(load_config(gguf_run["cfg"])))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
-    assert tok.chat_template == run.tokenizer.chat_template
+    assert tok.chat_template == run.base.tokenizer.chat_template
     ec = run.cfg.evaluation
     want = evaluate_model(
-        direct, run.tokenizer, run.mixture, 96, ec.max_examples, 0, 4, ec.batch_size, False
+        direct, run.base.tokenizer, run.mixture, 96, ec.max_examples, 0, 4, ec.batch_size, False
     )
     got = json.loads((gguf_run["run"] / "eval" / "base.json").read_text())["datasets"]
     assert set(got) == set(want)

@@ -8,12 +8,15 @@ import pytest
 import yaml
 
 from merit.config import (
-    STAGE_SETTINGS,
     ConfigError,
     apply_overrides,
     experiment_changes,
     load_config,
 )
+from merit.stages import STAGES
+
+# The stages of one run (compare reads its own section; report reads none).
+PIPELINE = ("data", "calibrate", "plan", "train", "joint", "merge", "evaluate", "diagnose")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,6 +139,10 @@ def test_relative_dataset_paths_resolve_against_config_dir(tmp_path):
     assert Path(cfg.data.datasets[0].path) == tmp_path / "d" / "x.jsonl"
 
 
+def _reads(stage: str) -> tuple[str, ...]:
+    return STAGES.get(stage).reads
+
+
 def test_stage_settings_are_scoped(tmp_path):
     p = _write(tmp_path, {"data": {"bigbench": "/x"}})
     a = load_config(p)
@@ -143,21 +150,33 @@ def test_stage_settings_are_scoped(tmp_path):
     mg = load_config(p, ["merging.dtype=bfloat16"])
     tr = load_config(p, ["training.learning_rate=0.01"])
     for stage in ("data", "calibrate", "plan", "train"):
-        assert a.settings_hash(stage) == ev.settings_hash(stage) == mg.settings_hash(stage)
-    assert a.settings_hash("evaluate") != ev.settings_hash("evaluate")
-    assert a.settings_hash("merge") != mg.settings_hash("merge")
-    assert a.settings_hash("merge") != tr.settings_hash("merge")  # merging reads the branches
-    assert a.settings_hash("plan") == tr.settings_hash("plan") != tr.settings_hash("train")
+        assert (
+            a.settings_hash(*_reads(stage))
+            == ev.settings_hash(*_reads(stage))
+            == mg.settings_hash(*_reads(stage))
+        )
+    assert a.settings_hash(*_reads("evaluate")) != ev.settings_hash(*_reads("evaluate"))
+    assert a.settings_hash(*_reads("merge")) != mg.settings_hash(*_reads("merge"))
+    assert a.settings_hash(*_reads("merge")) != tr.settings_hash(
+        *_reads("merge")
+    )  # merging reads the branches
+    assert (
+        a.settings_hash(*_reads("plan"))
+        == tr.settings_hash(*_reads("plan"))
+        != tr.settings_hash(*_reads("train"))
+    )
     # How calibration runs is not what it computes.
-    assert a.settings_hash("calibrate") == load_config(
+    assert a.settings_hash(*_reads("calibrate")) == load_config(
         p, ["calibration.streaming=false"]
-    ).settings_hash("calibrate")
+    ).settings_hash(*_reads("calibrate"))
     # Which baselines run beside the branches is not what any of them computes.
     nb = load_config(p, ["training.baselines=[]"])
-    assert a.settings_hash("train") == nb.settings_hash("train") and not experiment_changes(a, nb)
+    assert a.settings_hash(*_reads("train")) == nb.settings_hash(
+        *_reads("train")
+    ) and not experiment_changes(a, nb)
     # What `merit compare` runs is read by no stage.
     cmp = load_config(p, ["compare.rows=[base, joint]", "compare.seeds=[0, 1]"])
-    assert all(a.settings_hash(s) == cmp.settings_hash(s) for s in STAGE_SETTINGS)
+    assert all(a.settings_hash(*_reads(s)) == cmp.settings_hash(*_reads(s)) for s in PIPELINE)
 
 
 def test_default_valued_settings_change_no_hash(tmp_path):
@@ -166,8 +185,8 @@ def test_default_valued_settings_change_no_hash(tmp_path):
     p = _write(tmp_path, {"data": {"bigbench": "/x"}})
     a = load_config(p)
     b = load_config(p, ["training.learning_rate=0.0005", "planning.rank=2", "seed=0"])
-    assert all(a.settings_hash(s) == b.settings_hash(s) for s in STAGE_SETTINGS)
-    assert "training" not in a.settings("train")
+    assert all(a.settings_hash(*_reads(s)) == b.settings_hash(*_reads(s)) for s in PIPELINE)
+    assert "training" not in a.settings(*_reads("train"))
 
 
 def test_experiment_changes_name_the_setting(tmp_path):
@@ -182,3 +201,15 @@ def test_invalid_yaml_override_is_one_line(tmp_path):
     p = _write(tmp_path, {"data": {"bigbench": "/x"}})
     with pytest.raises(ConfigError, match=r"planning.rank: override value '\[1' is not valid YAML"):
         load_config(p, ["planning.rank=[1"])
+
+
+def test_architecture_page_draws_the_declared_stage_graph():
+    """docs/architecture.md holds exactly the graph the stage declarations give."""
+    from merit.graph import mermaid
+
+    cfg = load_config(
+        ROOT / "src/merit/configs/demo.yaml",
+        ["evaluation.models=[base,branches,merged,joint,shrink]"],
+    )
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    assert f"```mermaid\n{mermaid(cfg)}\n```" in page

@@ -8,54 +8,54 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from merit.artifacts import Artifact, atomic_path, sha256_file
+from merit.calibrate.gram import extend_gram
 from merit.calibrate.sketch import (
     Calibration,
     SketchSpec,
     calibrate_model,
     check_spec,
+    parameter_layout,
+    part_dim,
     spec_dict,
 )
-from merit.data.stage import prepare_data
-from merit.run import Run, StageError
+from merit.errors import StageError
+from merit.graph import STAGES, Context, Stage
+from merit.lm import meta_model
+
+READS = ("seed", "model", "data", "calibration")
 
 
-def _parameter_layout(run: Run) -> str:
+def _parameter_layout(ctx: Context) -> str:
     """θ0's parameter names and shapes (from its config, on the meta device: no weights read)."""
-    if "_layout" not in run.__dict__:
-        from merit.calibrate.sketch import parameter_layout
-        from merit.lm import meta_model
-
-        # θ0 is resolved first: that may build it (the demo's), which must not happen on the
-        # meta device. Only the trainable parameters are sketched (model.trainable).
-        base = run.base_dir
-        run.__dict__["_layout"] = parameter_layout(meta_model(base, run.trainable))
-    return run.__dict__["_layout"]
+    # θ0 is resolved first: that may build it (the demo's), which must not happen on the
+    # meta device. Only the trainable parameters are sketched (model.trainable).
+    base = ctx.base.dir
+    return parameter_layout(meta_model(base, ctx.base.trainable))
 
 
-def _sketch_spec(run: Run) -> dict:
+def sketch_spec(ctx: Context) -> dict:
     """Everything that must match for two calibrations' sketches to be compared (``--add``)."""
-    from merit.calibrate.sketch import part_dim
-
-    cc = run.cfg.calibration
+    cc = ctx.cfg.calibration
     return spec_dict(
         SketchSpec(cc.sketch_dim, cc.seed),
-        layout=_parameter_layout(run),
-        base_fingerprint=run.base_fingerprint,
-        max_length=run.cfg.model.max_length,
+        layout=_parameter_layout(ctx),
+        base_fingerprint=ctx.base.fingerprint,
+        max_length=ctx.cfg.model.max_length,
         parts=cc.microbatches,
         part_dim=part_dim(cc.sketch_dim, cc.microbatch_dim),
     )
 
 
-def _calibration_ids(run: Run) -> dict[str, str]:
+def _calibration_ids(ctx: Context) -> dict[str, str]:
     """Per dataset: a digest of its file and its calibration examples (what its sketch is of)."""
     return {
         d.name: hashlib.sha256(
             json.dumps([d.file_hash, d.splits["calibration"]]).encode()
         ).hexdigest()[:16]
-        for d in run.mixture.datasets
+        for d in ctx.mixture.datasets
     }
 
 
@@ -63,8 +63,6 @@ def _grams(sketches: dict, names: list[str], counts: list[int], old) -> dict:
     """Gram of the dataset sketches (fp64) and of the part sketches (fp32 products), reusing
     the entries of an earlier calibration ``old`` (a CalibrationRecord with its tensors) so that
     only the new datasets' rows are computed."""
-    from merit.plan.conflict import extend_gram
-
     sk = sketches["sketches"].double().numpy()
     parts = sketches["parts"].numpy()
     known = part_known = None
@@ -103,49 +101,47 @@ class CalibrationRecord(Artifact):
     # The tensors (sketches, parts, gram, part_gram), loaded with the record.
     tensors: dict = field(default_factory=dict, metadata={"json": False}, repr=False)
 
-    def current(self, run: Run, spec: dict, ids: dict[str, str]) -> bool:
-        """Whether these sketches are of this θ0, sketch spec and calibration examples."""
+    def current(self, ctx: Context) -> bool:
+        """Whether these sketches are of this θ0, sketch spec and calibration examples, and the
+        sketches file is the one recorded."""
         return (
-            self.spec == spec
-            and self.base_fingerprint == run.base_fingerprint
-            and self.datasets == run.mixture.names
-            and self.data_ids == ids
-            and run.paths.sketches.is_file()
-            and self.sketches_sha256 == sha256_file(run.paths.sketches)
+            self.spec == sketch_spec(ctx)
+            and self.base_fingerprint == ctx.base.fingerprint
+            and self.datasets == ctx.mixture.names
+            and self.data_ids == _calibration_ids(ctx)
+            and ctx.paths.sketches.is_file()
+            and self.sketches_sha256 == sha256_file(ctx.paths.sketches)
         )
 
 
-def calibrate(run: Run, add: bool = False) -> CalibrationRecord:
+def sketch_tensors(ctx: Context, rec: CalibrationRecord) -> dict:
+    """The record's tensors (sketches, parts, gram, part_gram), read once."""
+    if not rec.tensors:
+        rec.tensors = load_file(ctx.paths.sketches)
+    return rec.tensors
+
+
+def build(ctx: Context, _inputs: dict) -> CalibrationRecord:
     """Sketched mean answer-token gradient of every dataset at θ0 (paper §3.1), and of a few
     disjoint parts of its calibration examples (for plan stability).
 
-    With ``add``, an existing calibration is extended: its sketch spec (seed, d, parameter
-    layout, θ0 fingerprint, loss definition, parts) must be this run's and its datasets unchanged;
-    only the datasets it lacks are computed.
+    With the ``add`` option (``merit plan --add``), an existing calibration is extended: its
+    sketch spec (seed, d, parameter layout, θ0 fingerprint, loss definition, parts) must be this
+    run's and its datasets unchanged; only the datasets it lacks are computed.
     """
-    from safetensors.torch import load_file
-
-    prepare_data(run)
-    spec, ids = _sketch_spec(run), _calibration_ids(run)
-    old = CalibrationRecord.load_if(run.paths.calibration)
-    # Reused when what the sketches are of is unchanged (θ0, spec, datasets and their calibration
-    # examples), whatever else changed (planning.*, say).
-    ok = old is not None and old.current(run, spec, ids)
-    if run.reuse("calibrate", old and old.settings, "calibration sketches", ok):
-        old.tensors = load_file(run.paths.sketches)
-        return old
-    kept = _kept_datasets(old, spec, ids) if add and old is not None else None
-    todo = [n for n in run.mixture.names if kept is None or n not in kept.datasets]
-    run.say(
+    spec, ids = sketch_spec(ctx), _calibration_ids(ctx)
+    old = CalibrationRecord.load_if(ctx.paths.calibration) if ctx.options.get("add") else None
+    kept = _kept_datasets(old, spec, ids) if old is not None else None
+    todo = [n for n in ctx.mixture.names if kept is None or n not in kept.datasets]
+    ctx.say(
         f"calibrating {len(todo)} {'new ' if kept is not None else ''}dataset(s) at θ0 "
-        f"(sketch d={spec['dim']}, {run.cfg.calibration.microbatches} parts each)"
+        f"(sketch d={spec['dim']}, {ctx.cfg.calibration.microbatches} parts each)"
     )
-    with run.timed("calibrate"):
-        cal = _sketch_datasets(run, todo, spec) if todo else {}
-        if kept is not None:
-            kept.tensors = load_file(run.paths.sketches)
-            cal.update(_recorded(kept))
-        return _write(run, cal, spec, ids, todo, kept)
+    cal = _sketch_datasets(ctx, todo) if todo else {}
+    if kept is not None:
+        sketch_tensors(ctx, kept)
+        cal.update(_recorded(kept))
+    return _write(ctx, cal, spec, ids, todo, kept)
 
 
 def _kept_datasets(old: CalibrationRecord, spec: dict, ids: dict[str, str]) -> CalibrationRecord:
@@ -163,18 +159,18 @@ def _kept_datasets(old: CalibrationRecord, spec: dict, ids: dict[str, str]) -> C
     return old
 
 
-def _sketch_datasets(run: Run, names: list[str], spec: dict) -> dict[str, Calibration]:
-    cc = run.cfg.calibration
-    enc = run.encoded("calibration")
+def _sketch_datasets(ctx: Context, names: list[str]) -> dict[str, Calibration]:
+    cc = ctx.cfg.calibration
+    enc = ctx.encoded("calibration")
     return calibrate_model(
-        run.load_base(),
+        ctx.base.load(),
         {n: enc[n] for n in names},
         SketchSpec(cc.sketch_dim, cc.seed),
         cc.batch_size,
-        run.tokenizer.pad_token_id,
-        run.progress,
+        ctx.base.tokenizer.pad_token_id,
+        ctx.progress,
         parts=cc.microbatches,
-        fold_dim=spec["part_dim"],
+        fold_dim=part_dim(cc.sketch_dim, cc.microbatch_dim),
         streaming=cc.streaming,
     )
 
@@ -196,10 +192,8 @@ def _recorded(rec: CalibrationRecord) -> dict[str, Calibration]:
     }
 
 
-def _write(run: Run, cal: dict, spec: dict, ids: dict, todo: list, kept) -> CalibrationRecord:
-    from safetensors.torch import save_file
-
-    names = run.mixture.names
+def _write(ctx: Context, cal: dict, spec: dict, ids: dict, todo: list, kept) -> CalibrationRecord:
+    names = ctx.mixture.names
     tensors = {
         "sketches": torch.stack([cal[n].sketch for n in names]).contiguous(),
         "parts": torch.cat([cal[n].parts for n in names]).contiguous(),
@@ -207,13 +201,13 @@ def _write(run: Run, cal: dict, spec: dict, ids: dict, todo: list, kept) -> Cali
     # Inner products for planning, kept with the sketches: --add multiplies new rows only.
     counts = [len(cal[n].part_tokens) for n in names]
     tensors.update(_grams(tensors, names, counts, kept))
-    with atomic_path(run.paths.sketches) as tmp:
+    with atomic_path(ctx.paths.sketches) as tmp:
         save_file(tensors, str(tmp))
     rec = CalibrationRecord(
-        settings=run.cfg.settings("calibrate"),
-        base_fingerprint=run.base_fingerprint,
+        settings=ctx.cfg.settings(*READS),
+        base_fingerprint=ctx.base.fingerprint,
         spec=spec,
-        sketches_sha256=sha256_file(run.paths.sketches),
+        sketches_sha256=sha256_file(ctx.paths.sketches),
         datasets=names,
         computed=todo,
         sq_norms=[cal[n].sq_norm for n in names],
@@ -224,6 +218,22 @@ def _write(run: Run, cal: dict, spec: dict, ids: dict, todo: list, kept) -> Cali
         data_ids=ids,
         modes=[getattr(cal[n], "mode", "") for n in todo],
     )
-    rec.save(run.paths.calibration)
     rec.tensors = tensors
     return rec
+
+
+STAGE = STAGES.register(
+    Stage(
+        name="calibrate",
+        help="sketch each dataset's mean gradient at θ0",
+        reads=READS,
+        needs=("data",),
+        artifact=CalibrationRecord,
+        path=lambda p: p.calibration,
+        build=build,
+        what="calibration sketches",
+        intact=lambda ctx, rec: rec.current(ctx),
+        show=lambda ctx, rec: f"calibrated {len(rec.datasets)} datasets -> {ctx.paths.sketches}",
+        order=20,
+    )
+)

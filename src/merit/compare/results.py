@@ -1,5 +1,10 @@
 """The comparison's numbers: rows pooled over seeds, intervals, paired tests against joint
-training, the Markdown table laid out like the paper's Table 1, and the gain plot."""
+training, the Markdown table laid out like the paper's Table 1, and the gain plot.
+
+The table has a column (and an unseen-task column) for every registered metric the rows have;
+the differences from joint training, the family columns, the gain plot and the claims are on
+:data:`PRIMARY`, the held-out NLL the paper's comparison (§5) is about.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from merit.artifacts import Artifact
-from merit.evaluate.statistics import METRICS, paired_bootstrap, with_intervals
-from merit.report.tables import family
+from merit.data.bigbench import family
+from merit.evaluate.metrics import ARRAYS, METRICS, WEIGHTS, Metric, present, resolve
+from merit.evaluate.statistics import paired_bootstrap, paired_metrics, with_intervals
 
 REFERENCE = "joint"  # every row is tested against joint training for one epoch
+# The metric of the differences, family columns, gain plot and claims: accuracy on a handful of
+# examples per task is too coarse at CPU scale to rank the rows (paper §5 ranks them by NLL).
+PRIMARY = "nll"
 
 
 @dataclass
@@ -40,22 +49,27 @@ def pool(records: Sequence[Mapping[str, dict]]) -> dict[str, dict]:
     for name, first in records[0].items():
         recs = [r[name] for r in records]
         rec = dict(first)
-        for key in ("example_nll", "example_correct"):
+        for key in (a for f, a in ARRAYS.items() if f not in WEIGHTS):
             if first.get(key):
                 rec[key] = np.mean([r[key] for r in recs], axis=0).tolist()
-        for key in ("nll", "accuracy"):
-            vals = [r.get(key) for r in recs]
-            rec[key] = float(np.mean(vals)) if None not in vals else None
+        for m in METRICS:
+            vals = [r.get(m.name) for r in recs]
+            if None not in vals:
+                rec[m.name] = float(np.mean(vals))
+            elif m.always or m.name in rec:
+                rec[m.name] = None
+            # else: not recorded by scoring; computed from the pooled examples when asked
         out[name] = rec
     return out
 
 
-def family_means(per: Mapping[str, dict], metric: str = "nll") -> dict[str, float]:
+def family_means(per: Mapping[str, dict], metric: str | Metric = PRIMARY) -> dict[str, float]:
     """The metric averaged within each dataset family (each dataset counts once)."""
+    m = resolve(metric)
     groups: dict[str, list[float]] = {}
     for name, rec in per.items():
-        if rec.get(metric) is not None:
-            groups.setdefault(family(name), []).append(rec[metric])
+        if (v := m.value(rec)) is not None:
+            groups.setdefault(family(name), []).append(v)
     return {f: float(np.mean(v)) for f, v in sorted(groups.items())}
 
 
@@ -80,27 +94,37 @@ def _vs_joint(per: dict[str, dict], key: str, stats: tuple) -> dict | None:
     """The row minus joint training, paired (None for joint itself or without joint)."""
     if key == REFERENCE or REFERENCE not in per or key not in per:
         return None
-    return {m: paired_bootstrap(per[key], per[REFERENCE], m, *stats) for m in METRICS}
+    return paired_metrics(per[key], per[REFERENCE], *stats)
 
 
-def _num(v: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "–" if v is None else format(v * scale, fmt)
+def _num(v: float | None, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
 
 
-def _with_ci(s: dict | None, metric: str, scale: float, fmt: str) -> str:
-    if not s or s.get(metric) is None:
+def _short(v: float | None, m: Metric) -> str:
+    return "–" if v is None else m.fmt.short(v)
+
+
+def _with_ci(s: dict | None, m: Metric) -> str:
+    if not s or s.get(m.name) is None:
         return "–"
-    ci = s.get(f"{metric}_ci")
-    body = _num(s[metric], fmt, scale)
-    return body + (f" [{_num(ci[0], fmt, scale)}, {_num(ci[1], fmt, scale)}]" if ci else "")
+    ci = s.get(f"{m.name}_ci")
+    return _short(s[m.name], m) + (f" [{_short(ci[0], m)}, {_short(ci[1], m)}]" if ci else "")
 
 
-def _delta(p: dict | None, metric: str, scale: float, fmt: str) -> str:
-    if not p or not p.get(metric):
-        return "–"
-    d = p[metric]
+def _delta_text(d: dict, m: Metric) -> str:
+    """A difference and its interval at the table's precision: "+0.123 [+0.050, +0.200]"."""
+    f, k = m.fmt, m.fmt.short_digits
     lo, hi = d["ci"]
-    return f"{d['difference'] * scale:+{fmt}} [{lo * scale:+{fmt}}, {hi * scale:+{fmt}}]"
+    return f"{f.delta(d['difference'], k)} [{f.delta(lo, k)}, {f.delta(hi, k)}]"
+
+
+def _delta(p: dict | None, m: Metric) -> str:
+    return _delta_text(p[m.name], m) if p and p.get(m.name) else "–"
+
+
+def _head(m: Metric) -> str:
+    return m.abbrev + (f" {m.fmt.unit}" if m.fmt.unit else "")
 
 
 def table(rows: list[dict], max_families: int = 6) -> str:
@@ -112,13 +136,16 @@ def table(rows: list[dict], max_families: int = 6) -> str:
 
 
 def table_cells(rows: list[dict], max_families: int = 6) -> tuple[list[str], list[list[str]]]:
-    """The paper's table: one line per row; held-out NLL and accuracy of the training tasks,
-    then of the unseen tasks, each with its paired difference from joint training, then the
-    held-out NLL per dataset family."""
+    """The paper's table: one line per row; every metric (held-out NLL, accuracy, ...) of the
+    training tasks, then of the unseen tasks, each followed by the paired difference of
+    :data:`PRIMARY` from joint training, then :data:`PRIMARY` per dataset family."""
     fams = _columns(rows, max_families)
+    p = resolve(PRIMARY)
+    shown = present(s for r in rows for s in (r["summary"], r["unseen_summary"]))
     head = [
-        "Row", "tokens ×joint", "‖θ−θ0‖", "train loss", "NLL", "acc %", "ΔNLL vs joint",
-        "unseen NLL", "unseen acc %", "Δunseen NLL vs joint", *[f"{f} NLL" for f in fams],
+        "Row", "tokens ×joint", "‖θ−θ0‖", "train loss", *map(_head, shown),
+        f"Δ{p.abbrev} vs joint", *[f"unseen {_head(m)}" for m in shown],
+        f"Δunseen {p.abbrev} vs joint", *[f"{f} {p.abbrev}" for f in fams],
     ]  # fmt: skip
     body = []
     for r in rows:
@@ -127,13 +154,11 @@ def table_cells(rows: list[dict], max_families: int = 6) -> tuple[list[str], lis
             _num(r.get("budget"), ".2f"),
             _num(r.get("distance"), ".3g"),
             _num(r.get("train_loss"), ".3f"),
-            _with_ci(r["summary"], "nll", 1, ".3f"),
-            _with_ci(r["summary"], "accuracy", 100, ".1f"),
-            _delta(r["vs_joint"], "nll", 1, ".3f"),
-            _with_ci(r["unseen_summary"], "nll", 1, ".3f"),
-            _with_ci(r["unseen_summary"], "accuracy", 100, ".1f"),
-            _delta(r["unseen_vs_joint"], "nll", 1, ".3f"),
-            *[_num(_family_value(r["families"], f, fams), ".3f") for f in fams],
+            *[_with_ci(r["summary"], m) for m in shown],
+            _delta(r["vs_joint"], p),
+            *[_with_ci(r["unseen_summary"], m) for m in shown],
+            _delta(r["unseen_vs_joint"], p),
+            *[_short(_family_value(r["families"], f, fams), p) for f in fams],
         ]
         body.append(cells)
     return head, body
@@ -152,13 +177,14 @@ def _family_value(fam: dict[str, float], name: str, columns: list[str]) -> float
 
 
 def gain_figure(rows: list[dict]) -> bytes:
-    """Each row's NLL gain over joint training (joint − row: right is better) with its paired
+    """Each row's :data:`PRIMARY` gain over joint training (right is better) with its paired
     interval, on the training tasks' held-out examples and on the unseen tasks."""
-    import matplotlib
+    import matplotlib  # deferred: plotting is optional and slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    m = resolve(PRIMARY)
     shown = [r for r in rows if r["key"] != REFERENCE]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(shown) + 1.6), sharey=True)
     for ax, which, title in (
@@ -167,14 +193,15 @@ def gain_figure(rows: list[dict]) -> bytes:
     ):
         y = np.arange(len(shown))
         for i, r in enumerate(shown):
-            p = (r.get(which) or {}).get("nll")
+            p = (r.get(which) or {}).get(m.name)
             if p is None:
                 continue
-            g, (lo, hi) = -p["difference"], p["ci"]
-            ax.errorbar(g, i, xerr=[[g - (-hi)], [(-lo) - g]], fmt="o", capsize=3)
+            # A gain is the row's improvement: joint − row for a loss, row − joint for a score.
+            g, (lo, hi) = m.sign * p["difference"], sorted(m.sign * x for x in p["ci"])
+            ax.errorbar(g, i, xerr=[[g - lo], [hi - g]], fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=1)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("NLL gain over joint (1 epoch)")
+        ax.set_xlabel(f"{m.abbrev} gain over joint (1 epoch)")
         ax.set_yticks(y, [r["label"] for r in shown], fontsize=8)
     axes[0].invert_yaxis()
     fig.tight_layout()
@@ -192,13 +219,14 @@ PAPER_RATIO = (2.4, 2.9)
 
 
 def _step(per: dict, a: str, b: str, stats: tuple) -> tuple[str, dict | None]:
-    """'held' if b is better than a (lower NLL, interval below 0), 'did not hold' if worse
-    (interval above 0), else 'could not be decided'."""
-    p = paired_bootstrap(per[b], per[a], "nll", *stats)
+    """'held' if b is better than a (lower NLL: the interval of b − a below 0), 'did not hold'
+    if worse (above 0), else 'could not be decided'."""
+    m = resolve(PRIMARY)
+    p = paired_bootstrap(per[b], per[a], m, *stats)
     if p is None:
         return "could not be decided", None
-    lo, hi = p["ci"]
-    return ("held" if hi < 0 else "did not hold" if lo > 0 else "could not be decided"), p
+    lo, hi = sorted(m.sign * x for x in p["ci"])  # the interval of b's improvement over a
+    return ("held" if lo > 0 else "did not hold" if hi < 0 else "could not be decided"), p
 
 
 def claims(per: dict, unseen: dict, diagnostics: dict, stats: tuple) -> list[dict]:
@@ -212,7 +240,8 @@ def claims(per: dict, unseen: dict, diagnostics: dict, stats: tuple) -> list[dic
 
 
 def _ci(p: dict | None) -> str:
-    return f"ΔNLL {p['difference']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p else ""
+    m = resolve(PRIMARY)
+    return f"Δ{m.abbrev} {_delta_text(p, m)}" if p else ""
 
 
 def _ranking_claims(data: dict, where: str, stats: tuple) -> list[dict]:

@@ -2,30 +2,22 @@
 
 A *row* is one line of the table (``joint``, ``merit-2d``, ...); a *unit* is one model that a
 row averages over (a seed, a random split's draw). Every unit is an ordinary run config — the
-compare config with a few settings changed — trained and merged by the same stage functions as
+compare config with a few settings changed — trained and merged by the same stages as
 ``merit train`` / ``merit merge``. A unit whose experiment equals the compare config's own shares
-its run directory; the others live in ``compare/runs/<unit>/``.
+its run directory; the others live in ``compare/runs/<unit>/``. The kinds of row are registered
+in :data:`ROWS`, one module per row family under :mod:`merit.compare.rowkinds`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merit.config import ConfigError, RunConfig, apply_overrides, config_from_dict
-
-# How a row turns its units into one model: scored as trained, or made from them afterwards.
-_LABELS = {
-    "base": "θ0",
-    "joint": "Joint (1 epoch)",
-    "joint-2ep": "Joint (2 epochs)",
-    "joint-lr": "Joint (LR on validation)",
-    "shrink": "θ0 + α(θ_joint − θ0), α on validation",
-    "random": "Random split",
-    "soup": "Uniform soup",
-    "gain": "merit gain planner",
-}
+from merit.config import EXPERIMENT, ConfigError, RunConfig, apply_overrides, config_from_dict
+from merit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -48,76 +40,31 @@ class Row:
     units: tuple[Unit, ...]
 
 
+@dataclass(frozen=True)
+class RowKind:
+    """A kind of row, registered in :data:`ROWS` by its module.
+
+    ``units(cfg, seed)`` lists the models to train for one seed (as run-config overrides);
+    ``make(comparison, row)``, where given, turns the trained units into the scored model(s)
+    (a selection on the validation split, a merge of them); else each unit is scored as trained.
+    """
+
+    name: str
+    label: Callable[[RunConfig], str]
+    units: Callable[[RunConfig, int], list[Unit]]
+    budget: float = 1.0  # training tokens as a multiple of joint training's (1 epoch)
+    make: Callable[[Any, Row], list] | None = None
+    validation: bool = False  # chooses on the validation split
+    requires: tuple[str, ...] = ()  # rows it is made from
+    once: bool = False  # one seed only (θ0)
+    order: int = 100
+
+
+ROWS: Registry[RowKind] = Registry("compare row", "merit.compare.rowkinds")
+
+
 def row_label(name: str, cfg: RunConfig) -> str:
-    c = cfg.compare
-    if name.startswith("merit-"):
-        r = int(name[6])
-        return f"MERIT-{r}D (K={2**r})"
-    extra = {
-        "random": f" (K={c.random_k}, {c.random_draws} draws)",
-        "soup": f" ({c.soup_runs} runs × 1/{c.soup_runs})",
-        "gain": f" (K={c.gain_k})",
-    }
-    return _LABELS[name] + extra.get(name, "")
-
-
-def _units(name: str, cfg: RunConfig, seed: int) -> list[Unit]:
-    c, t = cfg.compare, cfg.training
-    s = {"training.seed": seed}
-    key = f"{name}-s{seed}"
-    if name == "base":
-        return [Unit(name, name, seed, "base")]
-    if name in ("joint", "shrink"):  # the shrinkage control is made from the joint model
-        return [Unit(name, f"joint-s{seed}", seed, "joint", s)]
-    if name == "joint-2ep":
-        return [Unit(name, key, seed, "joint", {**s, "training.epochs": 2 * t.epochs})]
-    if name == "joint-lr":
-        return [
-            Unit(
-                name,
-                f"joint-s{seed}" if m == 1 else f"joint-lr{m:g}-s{seed}",
-                seed,
-                "joint",
-                {**s, "training.learning_rate": t.learning_rate * m} if m != 1 else s,
-                "candidate",
-            )
-            for m in c.learning_rates
-        ]
-    if name == "random":
-        return [
-            Unit(
-                name,
-                f"random-d{d}-s{seed}",
-                seed,
-                "merged",
-                {**s, "planning.splitter": "random", "planning.k": c.random_k,
-                 "planning.seed": 1000 * seed + d},
-            )
-            for d in range(c.random_draws)
-        ]  # fmt: skip
-    if name == "soup":
-        return [
-            Unit(
-                name,
-                f"soup-m{m}-s{seed}",
-                seed,
-                "joint",
-                {"training.seed": 1000 * seed + m + 1, "training.epochs": t.epochs / c.soup_runs},
-                "member",
-            )
-            for m in range(c.soup_runs)
-        ]
-    if name.startswith("merit-"):
-        plan = {"planning.splitter": "median", "planning.rank": int(name[6]), "planning.k": None}
-        return [Unit(name, key, seed, "merged", {**s, **plan})]
-    if name == "gain":
-        plan = {"planning.splitter": "gain", "planning.k": c.gain_k}
-        return [Unit(name, key, seed, "merged", {**s, **plan})]
-    raise ValueError(f"unknown row {name!r}")
-
-
-# Training tokens as a multiple of joint training's (1 epoch); every other row: 1.
-_BUDGET = {"base": 0.0, "joint-2ep": 2.0}
+    return ROWS.get(name).label(cfg)
 
 
 def rows(cfg: RunConfig) -> list[Row]:
@@ -125,8 +72,9 @@ def rows(cfg: RunConfig) -> list[Row]:
     seeds = cfg.compare.seeds or [cfg.training.seed]
     out = []
     for name in cfg.compare.rows:
-        units = [u for s in (seeds[:1] if name == "base" else seeds) for u in _units(name, cfg, s)]
-        out.append(Row(name, row_label(name, cfg), _BUDGET.get(name, 1.0), tuple(units)))
+        kind = ROWS.get(name)
+        units = [u for s in (seeds[:1] if kind.once else seeds) for u in kind.units(cfg, s)]
+        out.append(Row(name, kind.label(cfg), kind.budget, tuple(units)))
     return out
 
 
@@ -139,14 +87,12 @@ def unit_config(cfg: RunConfig, unit: Unit, root: Path) -> RunConfig:
     over += [f"evaluation.models={_yaml(models)}"]
     over += [f"training.baselines={_yaml(['joint'] if unit.model == 'joint' else [])}"]
     out = config_from_dict(apply_overrides(raw, over))
-    if out.settings("train") != cfg.settings("train"):
+    if out.settings(*EXPERIMENT) != cfg.settings(*EXPERIMENT):
         out.run_dir = str(root / "compare" / "runs" / unit.key)
     return out
 
 
 def _yaml(v: Any) -> str:
-    import json
-
     return json.dumps(v)  # JSON is YAML: lists, floats and null parse back as written
 
 
@@ -161,11 +107,15 @@ def check_rows(cfg: RunConfig, n_datasets: int) -> None:
                     f"compare row {row.name} needs K={k} groups but the mixture has only "
                     f"{n_datasets} datasets (drop it from compare.rows or add datasets)"
                 )
-    wants = [r for r in ("joint-lr", "shrink") if r in cfg.compare.rows]
+    wants = [r for r in cfg.compare.rows if ROWS.get(r).validation]
     if wants and cfg.data.split.validation == 0:
         raise ConfigError(
             f"compare rows {', '.join(wants)} choose on a validation split: set "
             "data.split.validation (examples per dataset carved from the training examples)"
         )
-    if "shrink" in cfg.compare.rows and "joint" not in cfg.compare.rows:
-        raise ConfigError("compare row shrink is made from the joint row: add joint to rows")
+    for r in cfg.compare.rows:
+        for need in ROWS.get(r).requires:
+            if need not in cfg.compare.rows:
+                raise ConfigError(
+                    f"compare row {r} is made from the {need} row: add {need} to rows"
+                )

@@ -14,17 +14,19 @@ from pathlib import Path
 import torch
 
 from merit.diagnose.premises import LMObjective, lm_batches
+from merit.errors import StageError
+from merit.graph import Context
 from merit.lm import load_model
-from merit.run import Run, StageError
 
 
-def objective(run: Run, split: str, examples: int | None = None, seed: int = 0) -> LMObjective:
+def objective(run: Context, split: str, examples: int | None = None, seed: int = 0) -> LMObjective:
     """θ0 as a loss over ``split``'s examples (all, or ``examples`` spread over datasets)."""
     enc = run.sample(split, examples, seed)
     if not enc:
         raise StageError(f"no {split} examples to choose on")
-    batches = lm_batches(enc, run.cfg.evaluation.batch_size, run.tokenizer.pad_token_id, run.device)
-    return LMObjective(run.load_base(), batches)
+    pad = run.base.tokenizer.pad_token_id
+    batches = lm_batches(enc, run.cfg.evaluation.batch_size, pad, run.device)
+    return LMObjective(run.base.load(), batches)
 
 
 def vector(obj: LMObjective, path: Path, dtype: str) -> torch.Tensor:

@@ -222,3 +222,8 @@ def resolve_bigbench(setting: str | None, cache: Path, progress: bool = True) ->
             f"data.bigbench=auto: cannot fetch bigbench=={_BB_VERSION} from PyPI ({reason}); "
             "point MERIT_BIGBENCH (or data.bigbench) at a folder of BIG-bench task files"
         ) from None
+
+
+def family(name: str) -> str:
+    """A dataset's family: BIG-bench ``FAMILY__SUBTASK`` files share FAMILY; others stand alone."""
+    return name.split("__", 1)[0]

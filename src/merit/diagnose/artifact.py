@@ -36,7 +36,6 @@ class Diagnostics(Artifact):
     hvps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)
-    stamp: dict | None = None
 
     def verdict(self, key: str) -> dict | None:
         """The verdict of premise ``key`` (one of :data:`VERDICT_KEYS`), if judged."""

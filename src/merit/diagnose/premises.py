@@ -27,15 +27,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from merit.evaluate.scoring import answer_logprobs
 from merit.lm import IGNORE, Encoded, pad_batch, trainable_parameters
 
-T = TypeVar("T")
 # (module, batch) -> (summed loss over the batch's units, number of units)
 BatchLoss = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int | float]]
 
@@ -215,7 +214,6 @@ def lm_batch_loss(
     module: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
     """Summed answer-token NLL of a padded language-model batch, and its answer tokens."""
-    from merit.evaluate.scoring import answer_logprobs
 
     lp, n = answer_logprobs(module, batch)
     return -lp.sum(), int(n.sum())
@@ -230,20 +228,6 @@ def lm_batches(
         pad_batch([examples[i] for i in order[s : s + batch_size]], pad_id, device)
         for s in range(0, len(order), batch_size)
     ]
-
-
-def stratified_sample(per_dataset: dict[str, Sequence[T]], n: int, seed: int) -> list[T]:
-    """``n`` examples spread over datasets as evenly as possible (round-robin, seeded)."""
-    rng = np.random.default_rng(seed)
-    names = sorted(k for k, v in per_dataset.items() if v)
-    pools = {k: list(rng.permutation(len(per_dataset[k]))) for k in names}
-    order = [names[i] for i in rng.permutation(len(names))]
-    out: list[T] = []
-    while len(out) < n and any(pools.values()):
-        for k in order:
-            if pools[k] and len(out) < n:
-                out.append(per_dataset[k][pools[k].pop()])
-    return out
 
 
 # -- loss along straight lines ------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""Held-out evaluation per dataset: answer NLL and accuracy.
+"""Held-out evaluation per dataset: every registered metric of every dataset's examples.
 
-Scoring. The NLL of a dataset is the mean over its answer tokens (the tokens the chat template
-puts after the generation prompt). Multiple choice: every option is scored as if it were the
-answer, and the option with the highest *mean* log-probability per answer token wins (summed
-log-likelihood favours short options; the unnormalised accuracy is kept too). Generative: a
-greedy decode, post-processed exactly as BIG-bench 1.0.0 does (``stop_string`` kept up to and
-including its first occurrence, then the first match of ``output_regex``, whose default for a
-task that sets neither is ``[^\\.\\?\\!\\;\\n]+``), compared by exact match with the targets.
+Scoring. Each example's reference answer is scored (its summed NLL over the answer tokens, the
+tokens the chat template puts after the generation prompt). Multiple choice: every option is
+scored as if it were the answer, and the option with the highest *mean* log-probability per
+answer token wins (:func:`merit.evaluate.metrics.accuracy.choose`; the unnormalised accuracy is
+kept too). Generative: a greedy decode, judged by exact match after BIG-bench's post-processing
+(:mod:`merit.evaluate.metrics.exact_match`). That makes one scored record per example, from
+which every metric of :data:`merit.evaluate.metrics.METRICS` computes its dataset value; the
+records are kept as per-example arrays for the bootstrap.
 
 Speed. All scoring sequences of all datasets are batched together, sorted by length, so 256
 datasets cost about as much as one big one; logits are computed only at answer positions (the
@@ -18,7 +19,6 @@ Averages, bootstrap intervals and paired comparisons of these records: ``merit.e
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,12 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from merit.data.mixture import Mixture, as_answer, encode, render
+from merit.evaluate.metrics import METRICS
+from merit.evaluate.metrics.accuracy import choose
+from merit.evaluate.metrics.exact_match import judge
 from merit.lm import IGNORE, Encoded, model_inputs, pad_batch
 from merit.vision import is_processor, open_image, text_tokenizer
 
 # Bumped when what evaluate_model records changes: the pipeline re-evaluates older results.
 EVAL_VERSION = 2
-BIGBENCH_DEFAULT_REGEX = r"[^\.\?\!\;\n]+"  # bigbench/api/json_task.py, _DEFAULT_REGEX
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -336,34 +338,6 @@ def _decode_vision(
     return out
 
 
-# -- BIG-bench normalisation --------------------------------------------------------------------
-def postprocess(
-    text: str, output_regex: str | None, stop_string: str | None, bigbench: bool = False
-) -> str:
-    """A generation post-processed as BIG-bench 1.0.0 does (``models/model_utils.py``).
-
-    The stop string is kept (the text is cut just after its first occurrence past position 0),
-    then the first ``re.findall`` match of the regex is returned ("" when none). A BIG-bench task
-    that sets neither gets BIG-bench's default regex (up to the first sentence end); other
-    datasets are compared verbatim. Surrounding whitespace is stripped last: a chat template,
-    unlike BIG-bench's raw ``"\\nA: "`` continuation, fixes no convention for a leading space.
-    """
-    if bigbench and output_regex is None and stop_string is None:
-        output_regex = BIGBENCH_DEFAULT_REGEX
-    if stop_string:
-        index = text.find(stop_string)
-        if index > 0:
-            text = text[: index + len(stop_string)]
-    if output_regex:
-        text = next(iter(re.findall(output_regex, text)), "")
-    return text.strip()
-
-
-def exact_match(response: str, targets: Sequence[str]) -> bool:
-    """BIG-bench's ``exact_str_match``: the (post-processed) response is one of the targets."""
-    return response in {t.strip() for t in targets}
-
-
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class _Item:
@@ -408,53 +382,62 @@ def _requests(tokenizer, mixture: Mixture, max_length, max_examples, max_generat
     return req, per
 
 
-def _record_scores(per: dict, mixture: Mixture, items, logp, count, max_examples) -> None:
-    """Each dataset's NLL and, for multiple choice, its accuracy (the option of highest mean
-    log-probability per token wins; the unnormalised winner is kept too), in place."""
-    ex_nll: dict[str, dict[int, float]] = {name: {} for name in per}
-    ex_tok: dict[str, dict[int, int]] = {name: {} for name in per}
+def _record_scores(
+    per: dict, mixture: Mixture, items, logp, count, max_examples
+) -> dict[str, list[dict]]:
+    """Each example's scored record: its answer's summed NLL and tokens and, for multiple
+    choice, whether the option of highest mean log-probability per token is a target (the
+    unnormalised winner's accuracy is kept alongside). Writes the per-example arrays of each
+    dataset's record in place and returns the scored records, NLL unrounded."""
+    records: dict[str, list[dict]] = {name: [{} for _ in range(r["n"])] for name, r in per.items()}
     choice_scores: dict[tuple[str, int], dict[int, tuple[float, int]]] = {}
     for it, lp, n in zip(items, logp, count):
         if it.kind == "answer":
-            ex_nll[it.dataset][it.example] = -float(lp)
-            ex_tok[it.dataset][it.example] = int(n)
+            records[it.dataset][it.example].update(nll=-float(lp), tokens=int(n))
         else:
             choice_scores.setdefault((it.dataset, it.example), {})[it.choice] = (float(lp), int(n))
     for ds in mixture.datasets:
-        r = per[ds.name]
-        nlls = [ex_nll[ds.name][i] for i in range(r["n"])]
-        toks = [ex_tok[ds.name][i] for i in range(r["n"])]
-        r["nll"] = sum(nlls) / max(1, sum(toks)) if toks else None
-        r["example_nll"] = [round(x, 5) for x in nlls]
-        r["example_tokens"] = toks
+        r, exs = per[ds.name], records[ds.name]
+        r["example_nll"] = [round(ex["nll"], 5) for ex in exs]
+        r["example_tokens"] = [ex["tokens"] for ex in exs]
         if r["kind"] != "multiple_choice":
             continue
-        hits, raw_hits = [], []
+        raw_hits = []
         for i, ex in enumerate(ds.examples("eval")[:max_examples]):
-            scores = choice_scores[(ds.name, i)]
-            best = max(scores, key=lambda c: scores[c][0] / max(1, scores[c][1]))
-            raw = max(scores, key=lambda c: scores[c][0])
-            hits.append(int(ex.choices[best] in ex.targets))
+            best, raw = choose(choice_scores[(ds.name, i)])
+            exs[i]["correct"] = int(ex.choices[best] in ex.targets)
             raw_hits.append(int(ex.choices[raw] in ex.targets))
-        r["accuracy"] = float(np.mean(hits)) if hits else None
         r["accuracy_unnormalized"] = float(np.mean(raw_hits)) if raw_hits else None
-        r["n_accuracy"] = len(hits)
-        r["example_correct"] = hits
+        r["n_accuracy"] = len(raw_hits)
+        r["example_correct"] = [ex["correct"] for ex in exs[: len(raw_hits)]]
+    return records
 
 
-def _record_generations(per: dict, mixture: Mixture, gen_items, outs: Sequence[str]) -> None:
-    """Exact-match accuracy of the decoded examples (BIG-bench post-processing), in place."""
+def _record_generations(
+    per: dict, records: dict[str, list[dict]], mixture: Mixture, gen_items, outs: Sequence[str]
+) -> None:
+    """Whether each decoded example matches a target exactly (BIG-bench post-processing): its
+    scored record's ``correct`` and its dataset's per-example array, in place."""
     hits_by: dict[str, list[int]] = {}
     for (name, i), text in zip(gen_items, outs):
         ds = mixture[name]
         ex = ds.examples("eval")[i]
         bb = ds.data.format == "bigbench"
-        pred = postprocess(text, ds.data.output_regex, ds.data.stop_string, bigbench=bb)
-        hits_by.setdefault(name, []).append(int(exact_match(pred, ex.targets or (ex.answer,))))
+        hit = judge(text, ex.targets or (ex.answer,), ds.data.output_regex, ds.data.stop_string, bb)
+        records[name][i]["correct"] = hit
+        hits_by.setdefault(name, []).append(hit)
     for name, hits in hits_by.items():
-        per[name]["accuracy"] = float(np.mean(hits))
         per[name]["n_accuracy"] = len(hits)
         per[name]["example_correct"] = hits
+
+
+def _record_metrics(per: dict, records: dict[str, list[dict]]) -> None:
+    """Every registered metric's value of each dataset, from its unrounded scored records (a
+    metric without a value there is left out), placed before the per-example arrays."""
+    for name, r in per.items():
+        values = {m.name: v for m in METRICS if (v := m.observed(records[name])) is not None}
+        rest = {k: v for k, v in r.items() if k not in ("kind", "n")}
+        per[name] = {"kind": r["kind"], "n": r["n"], **values, **rest}
 
 
 def evaluate_model(
@@ -471,9 +454,10 @@ def evaluate_model(
 ) -> dict[str, dict]:
     """Per-dataset metrics on the eval split.
 
-    Each dataset's record holds ``nll`` (mean over answer tokens), ``accuracy`` (length-normalised
-    multiple choice, or exact match of the first ``max_generate`` examples), ``n``, ``kind``, and
-    per-example values for the bootstrap: ``example_nll`` (summed NLL), ``example_tokens`` and
+    Each dataset's record holds ``kind``, ``n``, the value of every registered metric that has
+    one (``nll``: mean over answer tokens; ``accuracy``: length-normalised multiple choice, or
+    exact match of the first ``max_generate`` examples), and the per-example scores the metrics
+    and the bootstrap are computed from: ``example_nll`` (summed NLL), ``example_tokens`` and
     ``example_correct`` (0/1). ``label`` only names the progress bars.
     """
     model.eval()
@@ -482,7 +466,7 @@ def evaluate_model(
     logp, count = sequence_logprobs(
         model, req.seqs, batch_size, pad, progress, desc=f"score {label}"
     )
-    _record_scores(per, mixture, req.items, logp, count, max_examples)
+    records = _record_scores(per, mixture, req.items, logp, count, max_examples)
     if req.gen_prompts:
         outs = greedy_decode(
             model,
@@ -495,5 +479,6 @@ def evaluate_model(
             desc=f"generate {label}",
             images=req.gen_images,
         )
-        _record_generations(per, mixture, req.gen_items, outs)
+        _record_generations(per, records, mixture, req.gen_items, outs)
+    _record_metrics(per, records)
     return per

@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merit.artifacts import Artifact, sha256_text, write_json
+from merit.artifacts import Artifact, sha256_text
+from merit.config import RunConfig
 from merit.data.mixture import Mixture
-from merit.data.stage import prepare_data
+from merit.evaluate.scoring import EVAL_VERSION, evaluate_model
 from merit.evaluate.statistics import (
     compare_models,
     comparison_table,
@@ -16,13 +17,12 @@ from merit.evaluate.statistics import (
     unseen_table,
     with_intervals,
 )
-from merit.lm import (
-    load_model,
-)
-from merit.merge.stage import merge, shrinkage_control
-from merit.plan.stage import Plan, make_plan, plan_summary
-from merit.run import Run
-from merit.train.stage import train
+from merit.graph import STAGES, Context, Stage
+from merit.lm import load_model
+from merit.merge.hashing import cached_sha256
+from merit.plan.stage import Plan, plan_summary
+
+READS = ("seed", "model", "data", "evaluation")
 
 # Settings that change how results are summarised, never an example's score.
 _SUMMARY_ONLY = ("bootstrap_samples", "confidence", "seed", "models")
@@ -53,18 +53,19 @@ class EvaluationResults(Artifact):
     unseen_comparisons: dict = field(default_factory=dict)
 
 
-def model_dirs(run: Run, plan: Plan) -> dict[str, tuple[str, Path]]:
+def model_dirs(run: Context, inputs: dict) -> dict[str, tuple[str, Path]]:
     """The models to evaluate: key -> (label, directory)."""
+    plan: Plan = inputs["plan"]
     wanted = run.cfg.evaluation.models
     out: dict[str, tuple[str, Path]] = {}
     if "base" in wanted:
-        out["base"] = ("θ0 (base)", run.base_dir)
-    if "joint" in wanted and "joint" in run.cfg.training.baselines:
+        out["base"] = ("θ0 (base)", run.base.dir)
+    if "joint" in inputs and "joint" in wanted:
         out["joint"] = ("joint", run.paths.baseline("joint") / "model")
     if "merged" in wanted:
         out["merged"] = (f"MERIT K={plan.K}", run.paths.merged)
-    if "shrink" in wanted and "joint" in run.cfg.training.baselines:
-        alpha = shrinkage_control(run)["alpha"]
+    if "shrink" in inputs:
+        alpha = inputs["shrink"].metadata["alpha"]
         out["shrink"] = (f"θ0 + {alpha:.2f}(joint − θ0)", run.paths.shrink)
     if "branches" in wanted:
         for g in plan.groups:
@@ -72,26 +73,24 @@ def model_dirs(run: Run, plan: Plan) -> dict[str, tuple[str, Path]]:
     return out
 
 
-def score_settings(run: Run) -> dict:
+def score_settings(run: Context) -> dict:
     """What an example's score depends on: the evaluate stage's settings less the summary's."""
-    s = run.cfg.settings("evaluate")
+    s = run.cfg.settings(*READS)
     ev = {k: v for k, v in s.get("evaluation", {}).items() if k not in _SUMMARY_ONLY}
     return {**s, "evaluation": ev}
 
 
-def _weights_sha256(run: Run, path: Path) -> str:
-    from merit.merge.hashing import cached_sha256
-
+def _weights_sha256(run: Context, path: Path) -> str:
     digests = [cached_sha256(f, run.cache / "sha256") for f in sorted(path.glob("*.safetensors"))]
     return digests[0] if len(digests) == 1 else sha256_text("".join(digests))
 
 
-def score_model(run: Run, key: str, label: str, path: Path, out: Path | None = None) -> ModelScores:
+def score_model(
+    run: Context, key: str, label: str, path: Path, out: Path | None = None
+) -> ModelScores:
     """One model's scores (``eval/<key>.json``, or ``out``): reused when its weights and the
     scoring settings are unchanged."""
-    from merit.evaluate.scoring import EVAL_VERSION, evaluate_model
-
-    out = out or run.paths.eval_dir / f"{key}.json"
+    out = out or run.paths.scores(key)
     stamp = _weights_sha256(run, path)
     old = ModelScores.load_if(out)
     ok = old is not None and (old.weights_sha256, old.version) == (stamp, EVAL_VERSION)
@@ -101,41 +100,31 @@ def score_model(run: Run, key: str, label: str, path: Path, out: Path | None = N
         return old
     why = "no scores yet" if old is None else "weights or scoring settings changed"
     run.say(f"evaluating {label} ({why})")
-    ec = run.cfg.evaluation
-    with run.timed("evaluate"):
-        model = load_model(path, run.device, run.cfg.model.dtype)
-
-        def scores(mixture: Mixture, what: str) -> dict:
-            if not mixture.datasets:
-                return {}
-            return evaluate_model(
-                model,
-                run.processor,
-                mixture,
-                run.cfg.model.max_length,
-                ec.max_examples,
-                ec.max_generate,
-                ec.max_new_tokens,
-                ec.batch_size,
-                run.progress,
-                f"{label}{what}",
-            )
-
-        per = scores(run.mixture, "")
-        unseen = scores(Mixture(run.mixture.unseen), " (unseen tasks)")
+    model = load_model(path, run.device, run.cfg.model.dtype)
+    per = _scores(run, model, run.mixture, label)
+    unseen = _scores(run, model, Mixture(run.mixture.unseen), f"{label} (unseen tasks)")
     rec = ModelScores(key, label, EVAL_VERSION, str(path), stamp, settings, per, unseen)
     rec.save(out)
     return rec
 
 
-def evaluate(run: Run) -> EvaluationResults:
+def _scores(run: Context, model, mixture: Mixture, label: str) -> dict:
+    if not mixture.datasets:
+        return {}
+    ec = run.cfg.evaluation
+    return evaluate_model(
+        model, run.base.processor, mixture, run.cfg.model.max_length, ec.max_examples,
+        ec.max_generate, ec.max_new_tokens, ec.batch_size, run.progress, label,
+    )  # fmt: skip
+
+
+def build(run: Context, inputs: dict) -> EvaluationResults:
     """Held-out NLL and accuracy per dataset for θ0, joint, the merge and each branch (and on
     whole tasks kept out of training), with bootstrap intervals and paired comparisons of the
     merge with every other model."""
-    plan = make_plan(run)
-    train_needed(run)
     ec = run.cfg.evaluation
-    scores = {key: score_model(run, key, *where) for key, where in model_dirs(run, plan).items()}
+    where = model_dirs(run, inputs)
+    scores = {key: score_model(run, key, *at) for key, at in where.items()}
     stats = (ec.bootstrap_samples, ec.confidence, ec.seed)
     models = {k: _summaries(s, stats) for k, s in scores.items()}
     labels = {k: s.label for k, s in scores.items()}
@@ -150,35 +139,42 @@ def evaluate(run: Run) -> EvaluationResults:
     else:
         table = markdown_table(seen_summaries, labels)
     res = EvaluationResults(models, pairs, table, unseen_pairs)
-    res.save(run.paths.eval_dir / "results.json")
-    parts = ["Metrics averaged over datasets (each dataset counts once).\n\n", table]
-    if pairs:
-        parts += [
-            "\nPaired bootstrap comparisons (the same resampled examples for A and B), held-out "
-            "examples of the training tasks:\n\n",
-            comparison_table(pairs, labels),
-        ]
-    if unseen_pairs:
-        parts += ["\nOn the unseen tasks:\n\n", comparison_table(unseen_pairs, labels)]
-    (run.paths.eval_dir / "results.md").write_text("".join(parts))
+    run.paths.results_md.parent.mkdir(parents=True, exist_ok=True)
+    run.paths.results_md.write_text(_markdown(res, labels))
     return res
 
 
-def needs_branches(run: Run) -> bool:
+def _markdown(res: EvaluationResults, labels: dict) -> str:
+    parts = ["Metrics averaged over datasets (each dataset counts once).\n\n", res.table]
+    if res.comparisons:
+        parts += [
+            "\nPaired bootstrap comparisons (the same resampled examples for A and B), held-out "
+            "examples of the training tasks:\n\n",
+            comparison_table(res.comparisons, labels),
+        ]
+    if res.unseen_comparisons:
+        parts += ["\nOn the unseen tasks:\n\n", comparison_table(res.unseen_comparisons, labels)]
+    return "".join(parts)
+
+
+def needs_branches(cfg: RunConfig) -> bool:
     """Whether the models to evaluate include the merge (or what is made from it)."""
-    return bool(set(run.cfg.evaluation.models) & {"merged", "branches", "shrink"})
+    return bool(set(cfg.evaluation.models) & {"merged", "branches", "shrink"})
 
 
-def train_needed(run: Run) -> None:
-    """Train (and merge) only what ``evaluation.models`` needs: θ0 alone trains nothing, joint
-    alone no branch."""
-    wanted = set(run.cfg.evaluation.models)
-    joint = "joint" in run.cfg.training.baselines and bool(wanted & {"joint", "shrink"})
-    if needs_branches(run):
-        train(run, baselines=["joint"] if joint else [])
-        merge(run)
-    elif joint:
-        train(run, baseline="joint")
+def needs(cfg: RunConfig) -> tuple[str, ...]:
+    """Only what ``evaluation.models`` needs is trained: θ0 alone trains nothing, joint alone
+    no branch."""
+    wanted = set(cfg.evaluation.models)
+    joint = "joint" in cfg.training.baselines and bool(wanted & {"joint", "shrink"})
+    out = ["plan"]
+    if needs_branches(cfg):
+        out += ["train", "merge"]
+    if joint:
+        out.append("joint")
+    if joint and "shrink" in wanted:
+        out.append("shrink")
+    return tuple(out)
 
 
 def _summaries(s: ModelScores, stats: tuple) -> dict:
@@ -188,22 +184,31 @@ def _summaries(s: ModelScores, stats: tuple) -> dict:
     return out
 
 
-def run_all(run: Run) -> dict:
-    """Every stage, skipping what is already done; returns the evaluation."""
-    t0 = time.perf_counter()
-    prepare_data(run)
-    run.say(plan_summary(make_plan(run)))
-    result = evaluate(run)  # trains and merges first
-    run.timings["total"] = time.perf_counter() - t0
-    write_json(run.paths.timings, run.timings)
-    return result
-
-
-def run_command(run: Run) -> dict:
+def run_command(ctx: Context) -> EvaluationResults:
     """``merit run`` / ``merit demo``: every stage, then the held-out table and the stage times."""
-    result = run_all(run)
+    t0 = time.perf_counter()
+    ctx.executor.get("data")
+    ctx.say(plan_summary(ctx.executor.get("plan")))
+    result = ctx.executor.get("evaluate")  # trains and merges first
+    ctx.run.timings["total"] = time.perf_counter() - t0
     print("\nHeld-out metrics, averaged over datasets:\n")
     print(result.table)
-    print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items()))
-    print(f"results -> {run.paths.eval_dir / 'results.md'}")
+    print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.run.timings.items()))
+    print(f"results -> {ctx.paths.results_md}")
     return result
+
+
+STAGES.register(
+    Stage(
+        name="evaluate",
+        help="held-out NLL/accuracy of θ0, joint, merged and branches",
+        reads=READS,
+        needs=needs,
+        artifact=EvaluationResults,
+        path=lambda p: p.results,
+        build=build,
+        what="the results table",
+        show=lambda _ctx, res: res.table,
+        order=60,
+    )
+)

@@ -1,9 +1,11 @@
 """Statistics of held-out results: dataset averages, bootstrap intervals, paired comparisons and
 their Markdown tables.
 
-Every dataset counts once in an average. Confidence intervals come from a stratified bootstrap:
-examples are resampled within each dataset (the set of datasets is what the user chose, the
-examples are a sample), with indices drawn from a generator seeded by the dataset's name, so two
+The metrics are those registered in :data:`merit.evaluate.metrics.METRICS`; each says how a
+dataset's examples make its value and how they are resampled. Every dataset counts once in an
+average. Confidence intervals come from a stratified bootstrap: examples are resampled within
+each dataset (the set of datasets is what the user chose, the examples are a sample), with
+indices drawn from a generator seeded by the dataset's name and the metric's stream, so two
 models are always resampled identically — a paired comparison of a model with itself has a
 difference of exactly zero in every resample.
 
@@ -20,19 +22,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METRICS = ("nll", "accuracy")
+from merit.evaluate.metrics import METRICS, Metric, headline, present, resolve
 
 
 def summarize(per: dict[str, dict]) -> dict[str, float | None]:
-    """Dataset averages: every dataset counts once, whatever its size."""
-    nll = [r["nll"] for r in per.values() if r.get("nll") is not None]
-    acc = [r["accuracy"] for r in per.values() if r.get("accuracy") is not None]
-    return {
-        "nll": float(np.mean(nll)) if nll else None,
-        "accuracy": float(np.mean(acc)) if acc else None,
-        "datasets": len(per),
-        "perplexity": float(math.exp(np.mean(nll))) if nll else None,
-    }
+    """Dataset averages of every registered metric that a dataset has (and of those always
+    reported): every dataset counts once, whatever its size."""
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        vals = [v for r in per.values() if (v := m.value(r)) is not None]
+        if vals or m.always:
+            out[m.name] = float(np.mean(vals)) if vals else None
+    out["datasets"] = len(per)
+    # exp of the average NLL, a summary field since before metrics were registered.
+    nll = out.get("nll")
+    out["perplexity"] = float(math.exp(nll)) if nll is not None else None
+    return out
 
 
 def _resample_idx(name: str, n: int, samples: int, seed: int) -> np.ndarray:
@@ -43,30 +48,18 @@ def _resample_idx(name: str, n: int, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng([key, n]).integers(0, n, size=(samples, n))
 
 
-def _has(rec: dict, metric: str) -> bool:
-    if metric == "nll":
-        return bool(rec.get("example_tokens")) and sum(rec["example_tokens"]) > 0
-    return bool(rec.get("example_correct"))
-
-
-def _dataset_resamples(rec: dict, name: str, metric: str, samples: int, seed: int) -> np.ndarray:
+def _dataset_resamples(rec: dict, name: str, m: Metric, samples: int, seed: int) -> np.ndarray:
     """The dataset's metric under each bootstrap resample of its examples."""
-    if metric == "nll":
-        nll = np.asarray(rec["example_nll"], dtype=np.float64)
-        tok = np.asarray(rec["example_tokens"], dtype=np.float64)
-        idx = _resample_idx(name, len(nll), samples, seed)
-        return nll[idx].sum(1) / np.maximum(tok[idx].sum(1), 1.0)
-    hits = np.asarray(rec["example_correct"], dtype=np.float64)
-    idx = _resample_idx(name + "/accuracy", len(hits), samples, seed)
-    return hits[idx].mean(1)
+    v, w = m.values(rec)
+    return m.resampled(v, w, _resample_idx(name + m.stream, len(v), samples, seed))
 
 
 def _average_resamples(
-    per: dict[str, dict], names: Sequence[str], metric: str, samples: int, seed: int
+    per: dict[str, dict], names: Sequence[str], m: Metric, samples: int, seed: int
 ) -> np.ndarray:
     acc = np.zeros(samples)
     for name in names:
-        acc += _dataset_resamples(per[name], name, metric, samples, seed)
+        acc += _dataset_resamples(per[name], name, m, samples, seed)
     return acc / max(1, len(names))
 
 
@@ -77,22 +70,23 @@ def _interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
 
 def bootstrap_ci(
     per: dict[str, dict],
-    metric: str,
+    metric: str | Metric,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the dataset average of ``metric`` ('nll'/'accuracy')."""
-    names = [n for n, r in per.items() if _has(r, metric)]
+    """Percentile bootstrap interval of the dataset average of a metric (its name or itself)."""
+    m = resolve(metric)
+    names = [n for n, r in per.items() if m.has(r)]
     if not names:
         return None
-    return _interval(_average_resamples(per, names, metric, samples, seed), confidence)
+    return _interval(_average_resamples(per, names, m, samples, seed), confidence)
 
 
 def paired_bootstrap(
     per_a: dict[str, dict],
     per_b: dict[str, dict],
-    metric: str,
+    metric: str | Metric,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -100,36 +94,52 @@ def paired_bootstrap(
     """Model A minus model B on the datasets both have, examples resampled identically.
 
     Returns the observed difference of dataset averages, its percentile interval, the share of
-    resamples in which A is better (lower NLL / higher accuracy), and per-dataset wins, ties
-    and losses of A.
+    resamples in which A is better (lower NLL / higher accuracy: the metric's direction), and
+    per-dataset wins, ties and losses of A.
     """
-    names = [n for n in per_a if n in per_b and _has(per_a[n], metric) and _has(per_b[n], metric)]
+    m = resolve(metric)
+    names = [n for n in per_a if n in per_b and m.has(per_a[n]) and m.has(per_b[n])]
     if not names:
         return None
     for n in names:
-        key = "example_tokens" if metric == "nll" else "example_correct"
-        if len(per_a[n][key]) != len(per_b[n][key]):
+        if len(m.values(per_a[n])[0]) != len(m.values(per_b[n])[0]):
             raise ValueError(f"{n}: the two models were evaluated on different examples")
-    a = _average_resamples(per_a, names, metric, samples, seed)
-    b = _average_resamples(per_b, names, metric, samples, seed)
+    a = _average_resamples(per_a, names, m, samples, seed)
+    b = _average_resamples(per_b, names, m, samples, seed)
     diff = a - b
-    sign = -1.0 if metric == "nll" else 1.0
-    obs_a = float(np.mean([per_a[n][metric] for n in names]))
-    obs_b = float(np.mean([per_b[n][metric] for n in names]))
-    d = np.array([per_a[n][metric] - per_b[n][metric] for n in names]) * sign
+    obs_a = float(np.mean([m.value(per_a[n]) for n in names]))
+    obs_b = float(np.mean([m.value(per_b[n]) for n in names]))
+    d = np.array([m.value(per_a[n]) - m.value(per_b[n]) for n in names]) * m.sign
     return {
-        "metric": metric,
+        "metric": m.name,
         "datasets": len(names),
         "a": obs_a,
         "b": obs_b,
         "difference": obs_a - obs_b,
         "ci": list(_interval(diff, confidence)),
         "confidence": confidence,
-        "p_a_better": float(np.mean(sign * diff > 0)),
+        "p_a_better": float(np.mean(m.sign * diff > 0)),
         "wins": int((d > 1e-12).sum()),
         "ties": int((np.abs(d) <= 1e-12).sum()),
         "losses": int((d < -1e-12).sum()),
     }
+
+
+def paired_metrics(
+    per_a: dict[str, dict],
+    per_b: dict[str, dict],
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict | None]:
+    """:func:`paired_bootstrap` of A minus B for every registered metric both models have
+    (and, as None when they have none, for those always reported), keyed by metric name."""
+    out = {}
+    for m in METRICS:
+        p = paired_bootstrap(per_a, per_b, m, samples, confidence, seed)
+        if p is not None or m.always:
+            out[m.name] = p
+    return out
 
 
 def with_intervals(
@@ -137,9 +147,9 @@ def with_intervals(
 ) -> dict[str, object]:
     """:func:`summarize` plus a bootstrap interval for each averaged metric."""
     s: dict[str, object] = dict(summarize(per))
-    for m in METRICS:
+    for m in present([s]):
         ci = bootstrap_ci(per, m, samples, confidence, seed)
-        s[f"{m}_ci"] = list(ci) if ci else None
+        s[f"{m.name}_ci"] = list(ci) if ci else None
     s["confidence"] = confidence
     return s
 
@@ -154,8 +164,8 @@ def compare_models(
     """Paired comparisons of model ``reference_key`` with every other model of ``per``.
 
     ``per`` maps a model key to its per-dataset records (``evaluate_model``). Returns, for each
-    other model's key, ``{"reference": reference_key, "other": key, "nll": paired,
-    "accuracy": paired}`` (``paired_bootstrap`` of the reference minus the other model).
+    other model's key, ``{"reference": reference_key, "other": key, <metric>: paired, ...}``
+    (:func:`paired_metrics` of the reference minus the other model).
     """
     if reference_key not in per:
         raise KeyError(f"no results for the reference model {reference_key!r}")
@@ -166,10 +176,7 @@ def compare_models(
         out[other] = {
             "reference": reference_key,
             "other": other,
-            **{
-                m: paired_bootstrap(per[reference_key], per[other], m, samples, confidence, seed)
-                for m in METRICS
-            },
+            **paired_metrics(per[reference_key], per[other], samples, confidence, seed),
         }
     return out
 
@@ -178,13 +185,11 @@ def _label(labels: Mapping[str, str] | None, key: str) -> str:
     return labels.get(key, key) if labels else key
 
 
-def _fmt(value, ci, pct: bool) -> str:
+def _fmt(value, ci, m: Metric) -> str:
     if value is None:
         return "n/a"
-    if pct:
-        text = f"{100 * value:.2f}%"
-        return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    f = m.fmt
+    return f.value(value) + (f" [{f.short(ci[0])}, {f.short(ci[1])}]" if ci else "")
 
 
 def _ci_tag(summaries: Mapping[str, dict]) -> str:
@@ -193,42 +198,46 @@ def _ci_tag(summaries: Mapping[str, dict]) -> str:
     return f" ({100 * conf:.0f}% CI)" if conf else ""
 
 
+def _cells(s: Mapping, shown: Sequence[Metric]) -> list[str]:
+    return [_fmt(s.get(m.name), s.get(f"{m.name}_ci"), m) for m in shown]
+
+
 def markdown_table(summaries: Mapping[str, dict], labels: Mapping[str, str] | None = None) -> str:
-    """Models × (held-out NLL, accuracy) averaged over datasets, with intervals when known.
+    """Models × metrics (held-out NLL, accuracy, ...) averaged over datasets, with intervals when
+    known; a column for each registered metric the summaries have.
 
     ``summaries`` maps a model key to its summary (``with_intervals``); a row shows the key's
     display label from ``labels`` (default: the key).
     """
     tag = _ci_tag(summaries)
+    shown = present(summaries.values())
+    heads = [f"{m.label} {m.arrow}{tag}" for m in shown]
     lines = [
-        f"| model | held-out NLL ↓{tag} | accuracy ↑{tag} | datasets |",
-        "|---|---:|---:|---:|",
+        "| model | " + "".join(f"{h} | " for h in heads) + "datasets |",
+        "|---|" + "---:|" * (len(shown) + 1),
     ]
     for key, s in summaries.items():
-        nll = _fmt(s.get("nll"), s.get("nll_ci"), pct=False)
-        acc = _fmt(s.get("accuracy"), s.get("accuracy_ci"), pct=True)
-        lines.append(f"| {_label(labels, key)} | {nll} | {acc} | {s['datasets']} |")
+        cells = [_label(labels, key), *_cells(s, shown), str(s["datasets"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def unseen_table(
     seen: Mapping[str, dict], unseen: Mapping[str, dict], labels: Mapping[str, str] | None = None
 ) -> str:
-    """Models × (NLL, accuracy) on held-out examples of the training tasks and on whole tasks
-    kept out of training, each averaged over datasets, with intervals when known."""
+    """Models × metrics on held-out examples of the training tasks and on whole tasks kept out
+    of training, each averaged over datasets, with intervals when known. The interval's level
+    is named once per half, on its first column."""
     tag = _ci_tag(seen)
-    lines = [
-        f"| model | held-out NLL ↓{tag} | held-out acc ↑ | unseen-task NLL ↓{tag} | unseen-task acc ↑ |",
-        "|---|---:|---:|---:|---:|",
+    shown = present([*seen.values(), *unseen.values()])
+    heads = [
+        f"{where} {m.abbrev} {m.arrow}" + (tag if i == 0 else "")
+        for where in ("held-out", "unseen-task")
+        for i, m in enumerate(shown)
     ]
+    lines = ["| model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for key, s in seen.items():
-        u = unseen.get(key, {})
-        cells = [
-            _fmt(s.get("nll"), s.get("nll_ci"), pct=False),
-            _fmt(s.get("accuracy"), s.get("accuracy_ci"), pct=True),
-            _fmt(u.get("nll"), u.get("nll_ci"), pct=False),
-            _fmt(u.get("accuracy"), u.get("accuracy_ci"), pct=True),
-        ]
+        cells = [*_cells(s, shown), *_cells(unseen.get(key, {}), shown)]
         lines.append(f"| {_label(labels, key)} | " + " | ".join(cells) + " |")
     n_seen = next(iter(seen.values()), {}).get("datasets", 0)
     n_unseen = next(iter(unseen.values()), {}).get("datasets", 0)
@@ -242,23 +251,32 @@ def comparison_name(row: Mapping, key: str, labels: Mapping[str, str] | None = N
     return _label(labels, key)
 
 
+def paired_text(p: Mapping | None, m: Metric) -> str:
+    """A paired difference with its interval: "+0.0123 [-0.0100, +0.0300]", "+1.50 pt [...]"."""
+    if not p:
+        return "n/a"
+    f = m.fmt
+    unit = f" {f.delta_unit}" if f.delta_unit else ""
+    return f"{f.delta(p['difference'])}{unit} [{f.delta(p['ci'][0])}, {f.delta(p['ci'][1])}]"
+
+
 def comparison_table(rows: Mapping[str, Mapping], labels: Mapping[str, str] | None = None) -> str:
     """Paired comparisons (``compare_models``: A = the reference, B = the row's model) as
-    Markdown, models named by their display ``labels`` (default: their keys)."""
-    lines = [
-        "| comparison | Δ NLL (A−B) [CI] | P(A lower NLL) | Δ accuracy (A−B) [CI] | P(A more accurate) | datasets A/=/B better (acc) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    Markdown, models named by their display ``labels`` (default: their keys): the difference
+    and P(A better) of each registered metric the rows have, then the datasets each model wins
+    on the headline metric."""
+    shown = present(rows.values())
+    head = headline(shown)
+    cols = [c for m in shown for c in (f"Δ {m.noun} (A−B) [CI]", f"P(A {m.better})")]
+    cols += [f"datasets A/=/B better ({head.abbrev})"] if head else []
+    lines = ["| comparison | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, r in rows.items():
-        n, a = r.get("nll"), r.get("accuracy")
-        dn = f"{n['difference']:+.4f} [{n['ci'][0]:+.4f}, {n['ci'][1]:+.4f}]" if n else "n/a"
-        da = (
-            f"{100 * a['difference']:+.2f} pt [{100 * a['ci'][0]:+.2f}, {100 * a['ci'][1]:+.2f}]"
-            if a
-            else "n/a"
-        )
-        pn = f"{n['p_a_better']:.3f}" if n else "n/a"
-        pa = f"{a['p_a_better']:.3f}" if a else "n/a"
-        wl = f"{a['wins']}/{a['ties']}/{a['losses']}" if a else "n/a"
-        lines.append(f"| {comparison_name(r, key, labels)} | {dn} | {pn} | {da} | {pa} | {wl} |")
+        cells = [comparison_name(r, key, labels)]
+        for m in shown:
+            p = r.get(m.name)
+            cells += [paired_text(p, m), f"{p['p_a_better']:.3f}" if p else "n/a"]
+        if head:
+            w = r.get(head.name)
+            cells.append(f"{w['wins']}/{w['ties']}/{w['losses']}" if w else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merit.artifacts import Artifact, atomic_path
 from merit.merge.errors import MergeError
 
 MANIFEST_FILE = "merge_manifest.json"
@@ -26,13 +27,14 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-@dataclass(frozen=True)
-class MergeManifest:
+@dataclass
+class MergeManifest(Artifact):
     """One merge, as recorded in its output directory.
 
     ``base_coefficient`` and ``coefficients`` are the file's ``coefficients.base`` and
     ``coefficients.checkpoints``: θ̄ = base_coefficient·θ0 + Σ_k coefficients[k]·θ_k.
     ``inputs`` maps absolute input paths, ``outputs`` output file names, to their sha256.
+    ``stamp`` (a run's merge only) is what the stage executor reuses it by.
     """
 
     method: str
@@ -84,7 +86,7 @@ class MergeManifest:
             "total_bytes": self.total_bytes,
             "metadata": self.metadata,
             "created_by": self.created_by,
-        }
+        } | ({"stamp": self.stamp} if self.stamp else {})
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> MergeManifest:
@@ -95,12 +97,13 @@ class MergeManifest:
             values = {
                 f.name: obj[f.name]
                 for f in dataclasses.fields(cls)
-                if f.name not in ("base_coefficient", "coefficients", "format")
+                if f.name not in ("base_coefficient", "coefficients", "format", "stamp")
             }
             values |= {
                 "base_coefficient": float(coefficients["base"]),
                 "coefficients": list(coefficients["checkpoints"]),
                 "format": obj.get("format", MANIFEST_FORMAT),
+                "stamp": obj.get("stamp") or {},
             }
             manifest = cls(**values)
             shapes = (manifest.inputs, manifest.outputs, manifest.metadata)
@@ -112,9 +115,10 @@ class MergeManifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> MergeManifest:
-        """The manifest of the merge in ``directory``; :class:`MergeError` naming the file if it
-        is missing or unreadable."""
-        file = Path(directory) / MANIFEST_FILE
+        """The manifest of the merge in ``directory`` (or the manifest file itself);
+        :class:`MergeError` naming the file if it is missing or unreadable."""
+        file = Path(directory)
+        file = file if file.name == MANIFEST_FILE else file / MANIFEST_FILE
         try:
             return cls.from_json(json.loads(file.read_text()))
         except MergeError as err:
@@ -125,6 +129,11 @@ class MergeManifest:
     def write(self, directory: Path) -> None:
         """Write ``directory/merge_manifest.json`` (atomic with the directory it is staged in)."""
         (directory / MANIFEST_FILE).write_text(json_text(self.to_json()), encoding="utf-8")
+
+    def save(self, path: str | Path) -> None:
+        """Rewrite the manifest file ``path`` atomically (the executor adds the stamp)."""
+        with atomic_path(path) as tmp:
+            tmp.write_text(json_text(self.to_json()), encoding="utf-8")
 
 
 def recorded_theta0(checkpoint: str | Path) -> tuple[str, Path] | None:

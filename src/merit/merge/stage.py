@@ -6,13 +6,23 @@ import shutil
 from pathlib import Path
 
 from merit.artifacts import read_json, sha256_file
+from merit.errors import StageError
+from merit.graph import STAGES, Context, Stage
+from merit.merge.hashing import cached_sha256
 from merit.merge.manifest import MANIFEST_FILE, MergeManifest
-from merit.plan.stage import Plan, PlanGroup, make_plan, plan_hash
-from merit.run import Run, RunPaths, StageError
+from merit.merge.safetensors_io import distances_from, read_specs
+from merit.merge.streaming import merge_checkpoints
+from merit.plan.stage import Plan, PlanGroup, plan_hash
+from merit.run import RunPaths
+from merit.train.lora import merge_adapters
+from merit.train.stage import READS as TRAIN_READS
 from merit.train.stage import BranchManifest
+from merit.vision import frozen_tensors
+
+READS = (*TRAIN_READS, "merging")
 
 
-def verify_branches(run: Run, plan: Plan) -> list[Path]:
+def verify_branches(run: Context, plan: Plan) -> list[Path]:
     """Every branch finished, from this θ0, plan and schedule, on the planned token budget, with
     the weights its manifest lists; else one error listing every problem."""
     _check_trainable(run, plan)
@@ -24,7 +34,7 @@ def verify_branches(run: Run, plan: Plan) -> list[Path]:
     return [run.paths.branch(g.id) / "model" for g in plan.groups]
 
 
-def _check_trainable(run: Run, plan: Plan) -> None:
+def _check_trainable(run: Context, plan: Plan) -> None:
     """Every finished branch trained the parameters the plan's calibration sketched (the same
     groups of a vision-language θ0): averaging a branch that moved others would move them by
     w_k of its change alone. One line for the first branch that did not."""
@@ -44,20 +54,15 @@ def _groups(groups: list[str] | None) -> str:
     return ", ".join(groups) if groups else "every parameter"
 
 
-def frozen(run: Run) -> frozenset[str]:
+def frozen(run: Context) -> frozenset[str]:
     """θ0's tensor names (as stored) outside the trainable groups: copied from θ0 by merges."""
-    from merit.merge.safetensors_io import read_specs
-    from merit.vision import frozen_tensors
-
-    if run.trainable is None:
+    if run.base.trainable is None:
         return frozenset()
-    specs, _problems = read_specs(run.base_dir)
-    return frozen_tensors(specs, run.trainable)
+    specs, _problems = read_specs(run.base.dir)
+    return frozen_tensors(specs, run.base.trainable)
 
 
-def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
-    from merit.merge.hashing import cached_sha256
-
+def _branch_problems(run: Context, plan: Plan, g: PlanGroup) -> list[str]:
     k, d = g.id, run.paths.branch(g.id)
     mp = RunPaths.manifest(d)
     if not mp.is_file():
@@ -72,9 +77,9 @@ def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
     problems = []
     if m.plan_sha256 != plan_hash(run):
         problems.append(f"branch {k}: trained from another plan")
-    if m.base_fingerprint != run.base_fingerprint:
+    if m.base_fingerprint != run.base.fingerprint:
         problems.append(f"branch {k}: trained from another θ0")
-    if m.training != run.cfg.settings_hash("train"):
+    if m.training != run.cfg.experiment_hash():
         problems.append(f"branch {k}: trained with other training settings")
     if m.datasets != g.datasets:
         problems.append(f"branch {k}: trained on other datasets than its group")
@@ -95,114 +100,79 @@ def _branch_problems(run: Run, plan: Plan, g: PlanGroup) -> list[str]:
     return problems
 
 
-def _digests(run: Run, files: list[Path]) -> dict[str, str]:
+def _digests(run: Context, files: list[Path]) -> dict[str, str]:
     """sha256 of each file ("" where missing), keyed by its path in the run directory."""
     return {
         str(f.relative_to(run.paths.root)): sha256_file(f) if f.is_file() else "" for f in files
     }
 
 
-def _inputs(run: Run, plan: Plan) -> dict[str, str]:
+def _inputs(run: Context, plan: Plan) -> dict[str, str]:
     """What the merge is of: the plan and every branch manifest (by sha256)."""
     files = [run.paths.plan] + [RunPaths.manifest(run.paths.branch(g.id)) for g in plan.groups]
     return _digests(run, files)
 
 
-def merge(run: Run) -> MergeManifest:
+def build_merge(run: Context, inputs: dict) -> MergeManifest:
     """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ N_j (paper eq. 3), streamed into ``merged/``."""
-    from merit.merge.streaming import merge_checkpoints
-
-    plan = make_plan(run)
-    old = (
-        MergeManifest.load(run.paths.merged)
-        if (run.paths.merged / MANIFEST_FILE).is_file()
-        else None
-    )
-    meta = old.metadata if old is not None else None
-    inputs = _inputs(run, plan)
-    ok = meta is not None and meta.get("inputs") == inputs
-    if run.reuse("merge", meta and meta.get("settings"), "merged model", ok):
-        return old
+    plan: Plan = inputs["plan"]
     dirs = verify_branches(run, plan)
     if run.paths.merged.exists():
         shutil.rmtree(run.paths.merged)  # a stale merge of another plan
     weights = [g.weight for g in plan.groups]
     run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups))
-    with run.timed("merge"):
-        manifest = merge_checkpoints(
-            run.base_dir,
-            dirs,
-            weights,
-            run.paths.merged,
-            dtype=run.cfg.merging.dtype,
-            max_shard_bytes=run.cfg.merging.max_shard_bytes,
-            metadata={
-                "settings": run.cfg.settings("merge"),
-                "inputs": inputs,
-                "plan_sha256": plan_hash(run),
-                "base_fingerprint": run.base_fingerprint,
-                "weights_from": "plan tokens N_k / Σ N_j",
-                "tokens": [g.tokens for g in plan.groups],
-            },
-            weights_from="plan tokens N_k / Σ N_j",
-            keep=frozen(run),
-            base_fingerprint=run.base_fingerprint,
-            hash_cache=run.cache / "sha256",
-            progress=run.progress,
-        )
-        if run.cfg.training.lora is not None:
-            # LoRA branches: also the merge as one exact adapter (rank-stacked, merit.train.lora).
-            from merit.train.lora import merge_adapters
-
-            adapters = [run.paths.branch(g.id) / "adapter" for g in plan.groups]
-            merge_adapters(adapters, weights, run.paths.merged_adapter)
+    manifest = merge_checkpoints(
+        run.base.dir,
+        dirs,
+        weights,
+        run.paths.merged,
+        dtype=run.cfg.merging.dtype,
+        max_shard_bytes=run.cfg.merging.max_shard_bytes,
+        metadata={
+            "settings": run.cfg.settings(*READS),
+            "inputs": _inputs(run, plan),
+            "plan_sha256": plan_hash(run),
+            "base_fingerprint": run.base.fingerprint,
+            "weights_from": "plan tokens N_k / Σ N_j",
+            "tokens": [g.tokens for g in plan.groups],
+        },
+        weights_from="plan tokens N_k / Σ N_j",
+        keep=frozen(run),
+        base_fingerprint=run.base.fingerprint,
+        hash_cache=run.cache / "sha256",
+        progress=run.progress,
+    )
+    if run.cfg.training.lora is not None:
+        # LoRA branches: also the merge as one exact adapter (rank-stacked, merit.train.lora).
+        adapters = [run.paths.branch(g.id) / "adapter" for g in plan.groups]
+        merge_adapters(adapters, weights, run.paths.merged_adapter)
     return manifest
 
 
-def shrinkage_control(run: Run) -> dict:
+def build_shrink(run: Context, _inputs: dict) -> MergeManifest:
     """The shrinkage control θ0 + α(θ_joint − θ0) with α = ‖θ̄ − θ0‖ / ‖θ_joint − θ0‖.
 
     A token-weighted merge of K branches moves about 1/K as far from θ0 as joint training; this
     model moves joint training's way by as much as the merge moved, with no split at all, so it
     tells how much of the merge's difference from joint training is that shrinkage alone.
     """
-    from merit.merge.safetensors_io import distances_from
-
-    merge(run)
     joint = run.paths.baseline("joint") / "model"
     if not RunPaths.manifest(joint.parent).is_file():
         raise StageError("the shrinkage control needs the joint baseline (training.baselines)")
-    out, mp = run.paths.shrink, run.paths.shrink / MANIFEST_FILE
-    inputs = _digests(run, [run.paths.merged / MANIFEST_FILE, RunPaths.manifest(joint.parent)])
-    meta = MergeManifest.load(out).metadata if mp.is_file() else None
-    if meta is not None and meta.get("inputs") == inputs:  # made from this merge and joint model
-        return meta
-    merged_d, joint_d = distances_from(run.base_dir, [run.paths.merged, joint])
+    merged_d, joint_d = distances_from(run.base.dir, [run.paths.merged, joint])
     alpha = merged_d / joint_d if joint_d > 0 else 0.0
     run.say(
         f"shrinkage control: α = ‖θ̄ − θ0‖/‖θ_joint − θ0‖ = {merged_d:.4g}/{joint_d:.4g} = {alpha:.4f}"
     )
-    meta = {
-        "alpha": alpha,
-        "merged_distance": merged_d,
-        "joint_distance": joint_d,
-        "inputs": inputs,
-    }
-    derived_model(
-        run,
-        out,
-        [joint],
-        [1.0],
-        meta,
-        "the joint model, scaled by α (shrinkage control)",
-        "task_vector",
-        alpha,
-    )
-    return meta
+    meta = {"alpha": alpha, "merged_distance": merged_d, "joint_distance": joint_d}
+    return derived_model(
+        run, run.paths.shrink, [joint], [1.0], meta,
+        "the joint model, scaled by α (shrinkage control)", "task_vector", alpha,
+    )  # fmt: skip
 
 
 def derived_model(
-    run: Run,
+    run: Context,
     out: Path,
     checkpoints: list[Path],
     weights: list[float],
@@ -210,20 +180,18 @@ def derived_model(
     weights_from: str,
     method: str = "linear",
     scale: float = 1.0,
-) -> dict:
+) -> MergeManifest:
     """A model made from trained ones — a shrinkage control θ0 + Σ w_k(θ_k − θ0)
     (``task_vector``), a soup Σ w_k θ_k (``linear``) — streamed into ``out``; reused while
     ``meta`` (which records its inputs) is the same."""
-    from merit.merge.streaming import merge_checkpoints
-
     mp = out / MANIFEST_FILE
-    if mp.is_file() and MergeManifest.load(out).metadata == meta:
-        return meta
+    if mp.is_file() and (old := MergeManifest.load(out)).metadata == meta:
+        return old
     if out.exists():
         shutil.rmtree(out)
     with run.timed("merge"):
-        merge_checkpoints(
-            run.base_dir,
+        return merge_checkpoints(
+            run.base.dir,
             checkpoints,
             weights,
             out,
@@ -234,8 +202,42 @@ def derived_model(
             metadata=meta,
             weights_from=weights_from,
             keep=frozen(run),
-            base_fingerprint=run.base_fingerprint,
+            base_fingerprint=run.base.fingerprint,
             hash_cache=run.cache / "sha256",
             progress=run.progress,
         )
-    return meta
+
+
+STAGES.register(
+    Stage(
+        name="merge",
+        help="merge a run's branches (CONFIG), or any checkpoints (--out DIR CKPT ...)",
+        reads=READS,
+        needs=("plan",),  # the branches are verified, never trained, by the merge
+        artifact=MergeManifest,
+        path=lambda p: p.merge_manifest,
+        intact=lambda ctx, m: m.metadata.get("inputs") == _inputs(ctx, ctx.executor.get("plan")),
+        build=build_merge,
+        what="merged model",
+        show=lambda ctx, m: (
+            f"merged model -> {ctx.paths.merged} (weights {', '.join(f'{w:.3f}' for w in m.weights)})"
+        ),
+        order=50,
+    )
+)
+STAGES.register(
+    Stage(
+        name="shrink",
+        help="the shrinkage control θ0 + α(θ_joint − θ0), α = ‖θ̄ − θ0‖ / ‖θ_joint − θ0‖",
+        reads=READS,
+        needs=("merge", "joint"),
+        artifact=MergeManifest,
+        path=lambda p: p.shrink_manifest,
+        build=build_shrink,
+        what="the shrinkage control",
+        show=lambda ctx, m: (
+            f"shrinkage control -> {ctx.paths.shrink} (α {m.metadata['alpha']:.4f})"
+        ),
+        order=55,
+    )
+)

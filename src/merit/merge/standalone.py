@@ -1,16 +1,25 @@
 """``merit merge --out DIR CKPT ...`` and ``merit verify-merge DIR``: the merge stage as a tool for
 any same-architecture checkpoints, merit's branches or not. Only :mod:`merit.merge` is imported.
+
+``--method`` is any registered merge method (:mod:`merit.merge.methods`, plugins included); the
+name and the method's parameters are checked here, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from merit.merge.manifest import MergeManifest
+from merit.errors import ConfigError
+from merit.merge.card import describe_weights
+from merit.merge.errors import MergeError
+from merit.merge.manifest import MANIFEST_FILE, MergeManifest
+from merit.merge.methods import METHODS, MergeMethod, get_method
+from merit.merge.streaming import merge_checkpoints
+from merit.merge.verify import verify_merge
 
 EXIT_USAGE = 2
 
@@ -35,15 +44,11 @@ def _size(text: str) -> int:
     try:
         return int(float(number) * units[t[len(number) :]])
     except (KeyError, ValueError):
-        from merit.merge.errors import MergeError
-
         raise MergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MiB)") from None
 
 
 def merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
     """Run a standalone merge or verify-merge; None for a run-config merge (the pipeline's)."""
-    from merit.merge.errors import MergeError
-
     try:
         if args.command == "verify-merge":
             if extra:
@@ -69,9 +74,14 @@ def merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
         if options:
             raise MergeError(f"unrecognized arguments: {' '.join(options)}")
         return _standalone_merge(args, positionals)
-    except (MergeError, OSError) as err:
+    except (MergeError, ConfigError, OSError) as err:
         print(f"merit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def methods_help() -> str:
+    """``--method``'s help: every registered method (plugins included, once imported)."""
+    return "; ".join(f"{m.name}: {m.help or m.formula}" for m in METHODS)
 
 
 def _given(args: argparse.Namespace, option: str) -> bool:
@@ -87,27 +97,9 @@ def _given(args: argparse.Namespace, option: str) -> bool:
 
 def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
     """`merit merge --out DIR CKPT ...`: merge any checkpoints, say exactly what was done."""
-    import os
-    import time
-
-    from merit.merge.errors import MergeError
-    from merit.merge.streaming import merge_checkpoints
-
-    k = len(checkpoints)
-    if args.weights is None:
-        weights, weights_from = [1.0 / k] * k, "uniform 1/K (--weights not given)"
-    else:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise MergeError(f"--weights: cannot read {args.weights!r} as numbers") from None
-        weights_from = "explicit (--weights)"
-        if len(weights) != k:
-            raise MergeError(f"--weights has {len(weights)} values for {k} checkpoints")
-    if args.method == "task_vector" and args.base is None:
-        raise MergeError("--method task_vector needs --base θ0 (the task vectors are θ_k − θ0)")
-    if args.method == "linear" and args.scale != 1.0:
-        raise MergeError("--scale applies to --method task_vector only")
+    method = get_method(args.method)  # an unknown name fails here, before any work
+    params = _method_params(method, args)
+    weights, weights_from = _weights(args, len(checkpoints))
     base, base_is_theta0 = (args.base, True) if args.base else (checkpoints[0], False)
     cache = None
     if not args.no_hash_cache:
@@ -118,8 +110,8 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
         checkpoints,
         weights,
         args.out,
-        method=args.method,
-        scale=args.scale,
+        method=method.name,
+        params=params,
         normalize=args.normalize,
         weights_from=weights_from,
         base_is_theta0=base_is_theta0,
@@ -133,10 +125,37 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
     return 0
 
 
-def _say_what_was_done(m: MergeManifest, out: str, seconds: float) -> None:
-    from merit.merge.card import describe_weights
-    from merit.merge.manifest import MANIFEST_FILE
+def _method_params(method: MergeMethod, args: argparse.Namespace) -> dict[str, float]:
+    """The method's parameters from the options that set them (``--scale``), refusing an option
+    the method has no parameter for and a missing θ0 it needs."""
+    if method.needs_base and args.base is None:
+        raise MergeError(
+            f"--method {method.name} needs --base θ0 (the model the checkpoints were trained "
+            "from: the task vectors are θ_k − θ0)"
+        )
+    takes = {p.name for p in method.params}
+    if "scale" not in takes:
+        if args.scale != 1.0:
+            with_scale = [m.name for m in METHODS if any(p.name == "scale" for p in m.params)]
+            raise MergeError(f"--scale applies to --method {' or '.join(with_scale)} only")
+        return {}
+    return {"scale": args.scale}
 
+
+def _weights(args: argparse.Namespace, k: int) -> tuple[list[float], str]:
+    """``--weights`` (one per checkpoint), or 1/K each; and where they come from, in words."""
+    if args.weights is None:
+        return [1.0 / k] * k, "uniform 1/K (--weights not given)"
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise MergeError(f"--weights: cannot read {args.weights!r} as numbers") from None
+    if len(weights) != k:
+        raise MergeError(f"--weights has {len(weights)} values for {k} checkpoints")
+    return weights, "explicit (--weights)"
+
+
+def _say_what_was_done(m: MergeManifest, out: str, seconds: float) -> None:
     scale = f" with s = {m.scale:g}" if m.scale is not None else ""
     print(f"{m.method} merge of {len(m.checkpoints)} checkpoints: {m.formula}{scale}")
     print(f"  weights {', '.join(f'{w:.6g}' for w in m.weights)}: {describe_weights(m)}")
@@ -154,8 +173,6 @@ def _say_what_was_done(m: MergeManifest, out: str, seconds: float) -> None:
 
 
 def _verify_merge(args: argparse.Namespace) -> int:
-    from merit.merge.verify import verify_merge
-
     report = verify_merge(args.dir, check_inputs=not args.outputs_only)
     for problem in report["problems"]:
         print(f"merit: error: {problem}", file=sys.stderr)
@@ -166,3 +183,71 @@ def _verify_merge(args: argparse.Namespace) -> int:
     gone = f" ({len(missing)} inputs no longer present, not checked)" if missing else ""
     print(f"verified {args.dir}: {report['outputs']} output files and {inputs} match{gone}")
     return 0
+
+
+def add_merge_options(p: argparse.ArgumentParser) -> None:
+    p.usage = (
+        "merit merge CONFIG [overrides ...]\n"
+        "       merit merge --out DIR [--weights W1,W2,...] [--normalize] [--base DIR]\n"
+        "                   [--method METHOD] [--scale S] [--dtype DTYPE] CKPT ..."
+    )
+    p.description = (
+        "With a run config: verify every branch, then θ̄ = Σ w_k θ_k with w_k = N_k / Σ N_j "
+        "into the run's merged/. With --out: merge any same-architecture Hugging Face "
+        "checkpoints (safetensors) given as CKPT ... . Either way the merge is streamed in "
+        "bounded memory, written atomically, and proved by merge_manifest.json (sha256 of every "
+        "input and output file; check with `merit verify-merge DIR`)."
+    )
+    g = p.add_argument_group("standalone merge (--out DIR CKPT ...)")
+    g.add_argument("--out", metavar="DIR", help="output directory (must not exist or be empty)")
+    g.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        help="one weight per checkpoint, comma-separated (default: 1/K each)",
+    )
+    g.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide the weights by their sum (default: use them as given)",
+    )
+    g.add_argument(
+        "--base",
+        metavar="DIR",
+        help="θ0 the checkpoints were trained from: supplies tensor names, config, tokenizer "
+        "(default for linear: the first checkpoint, as structure only)",
+    )
+    g.add_argument(
+        "--method",
+        default="linear",
+        metavar="METHOD",
+        help=methods_help(),
+    )
+    g.add_argument("--scale", type=float, default=1.0, metavar="S", help="s (task_vector)")
+    g.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="output dtype (default: base's)"
+    )
+    g.add_argument(
+        "--max-shard-size",
+        default="2GiB",
+        metavar="SIZE",
+        help="largest output file, e.g. 5GB or 500MiB (default: 2GiB)",
+    )
+    g.add_argument(
+        "--threads", type=int, metavar="N", help="arithmetic threads (default: CPUs − 1)"
+    )
+    g.add_argument(
+        "--no-hash-cache",
+        action="store_true",
+        help="hash every input anew (default: reuse hashes of unchanged files from the cache)",
+    )
+
+
+def add_verify_parser(sub) -> None:
+    """``merit verify-merge DIR``."""
+    help_ = "recompute the sha256 of every file a merge's manifest lists and check it"
+    p = sub.add_parser("verify-merge", help=help_, description=help_)
+    p.add_argument("dir", metavar="DIR", help="a merged model directory (merge_manifest.json)")
+    p.add_argument(
+        "--outputs-only", action="store_true", help="do not re-hash the input checkpoints"
+    )
+    p.epilog = "exit codes: 0 every file matches, 2 a file differs or is missing (each named)"

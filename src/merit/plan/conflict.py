@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from merit.calibrate.gram import extend_gram  # noqa: F401  (the Gram is calibration's)
+
 
 def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
     """C_ij = G_ij / sqrt(G_ii G_jj), diagonal 1, clipped to [-1, 1]."""
@@ -159,20 +161,3 @@ def offdiag_pearson(a: np.ndarray, b: np.ndarray) -> float:
     if x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def extend_gram(vectors: np.ndarray, known: np.ndarray | None = None, rows=()) -> np.ndarray:
-    """Gram matrix of ``vectors`` (n × d), reusing ``known`` — the Gram of ``vectors[rows]`` —
-    so that only the new rows are multiplied: O(new · n · d) instead of O(n² d)."""
-    v = np.asarray(vectors)
-    n = len(v)
-    rows = list(rows)
-    out = np.empty((n, n))
-    if rows:
-        out[np.ix_(rows, rows)] = known
-    new = sorted(set(range(n)) - set(rows))
-    if new:
-        cross = (v[new] @ v.T).astype(np.float64)
-        out[new, :] = cross
-        out[:, new] = cross.T
-    return out

@@ -1,5 +1,6 @@
 """Exact group gradients and Hessian-vector products at θ0, for models small enough to hold
-one gradient per dataset: the true-H version of the planner's predictions (``merit.plan.splitters``).
+one gradient per dataset: the true-H version of the planner's predictions
+(``merit.plan.prediction``).
 
 A loss is given as *terms*: callables whose values sum to it (a dataset's token-mean NLL is the
 sum over its micro-batches of NLL / N_t), so memory stays at one micro-batch's activations.
@@ -15,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from merit.lm import Encoded, pad_batch, token_nll_sum, trainable_parameters
-from merit.plan.splitters import Curvature, canonical_labels, group_mix
+from merit.plan.partition import canonical_labels
+from merit.plan.prediction import Curvature, group_mix
 
 LossTerms = Sequence[Callable[[], torch.Tensor]]
 
@@ -131,13 +133,7 @@ def curvature(
     est = estimate  # T × P, kept in its dtype (a float64 copy of T gradients is too big)
     gbar = (pi.to(est.dtype) @ est).double()
     gh = heldout_gradient.double()
-    # Identical partitions are measured once.
-    keys = [tuple(canonical_labels(np.asarray(c), k).tolist()) for c in candidates]
-    unique = list(dict.fromkeys(keys))
-    groups = [np.asarray(u) for u in unique]
-    mixes = [torch.tensor(group_mix(g, a, k), dtype=est.dtype) for g in groups]
-    means = [(m @ est).double() for m in mixes]  # K × P per partition
-    weights = [torch.tensor(np.bincount(g, weights=a, minlength=k) / a.sum()) for g in groups]
+    groups, means, weights, at = _partitions(candidates, est, a, k)
     # Σ_k w_k (ḡ_k − ḡ) = 0, so the last group's deviation (and its HVP) follows from the others.
     vectors = torch.cat([gh[None], gbar[None], *[(mu - gbar[None])[: k - 1] for mu in means]])
     quad = [0.0] * len(groups)
@@ -162,7 +158,6 @@ def curvature(
             row += k - 1
         bar.update()
     bar.close()
-    at = [unique.index(key) for key in keys]
     quad = [quad[i] for i in at]
     cross = [cross[i] for i in at]
     return Curvature(
@@ -173,6 +168,18 @@ def curvature(
         cross=cross,
         cross_joint=cross_joint,
     )
+
+
+def _partitions(candidates: Sequence[np.ndarray], est: torch.Tensor, a: np.ndarray, k: int):
+    """The distinct partitions among ``candidates`` (identical ones are measured once): their
+    labels, K × P group mean gradients and merge weights w_k, and each candidate's index."""
+    keys = [tuple(canonical_labels(np.asarray(c), k).tolist()) for c in candidates]
+    unique = list(dict.fromkeys(keys))
+    groups = [np.asarray(u) for u in unique]
+    mixes = [torch.tensor(group_mix(g, a, k), dtype=est.dtype) for g in groups]
+    means = [(m @ est).double() for m in mixes]  # K × P per partition
+    weights = [torch.tensor(np.bincount(g, weights=a, minlength=k) / a.sum()) for g in groups]
+    return groups, means, weights, [unique.index(key) for key in keys]
 
 
 def measure(

@@ -7,11 +7,29 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from merit.artifacts import Artifact, sha256_file
-from merit.calibrate.stage import calibrate
-from merit.data.stage import prepare_data
+from merit.calibrate.sketch import split_parts
+from merit.calibrate.stage import CalibrationRecord, sketch_tensors
+from merit.data.stage import DataRecord
+from merit.graph import STAGES, Context, Stage
 from merit.plan.conflict import PartGram, cosine_from_gram
-from merit.plan.splitters import PlanError, group_weights
-from merit.run import Run
+from merit.plan.curvature import measure
+from merit.plan.figures import write_plan_plots
+from merit.plan.splitters import (
+    PlanError,
+    PlanInputs,
+    changed_groups,
+    choose,
+    compare,
+    gain_hessian,
+    group_weights,
+    joint_loss,
+    merged_loss,
+    power_of_two,
+    resampled_cosine_agreement,
+    resampled_grams,
+)
+
+READS = ("seed", "model", "data", "calibration", "planning")
 
 
 def _finite(x):
@@ -44,12 +62,8 @@ def _candidate_record(c, chosen: bool) -> dict:
     }
 
 
-def _hessian_predictions(run: Run, names: list[str], tokens, candidates, k: int) -> dict:
+def _hessian_predictions(run: Context, names: list[str], tokens, candidates, k: int) -> dict:
     """True-H gain and merged-loss predictions for every available candidate (in place)."""
-    from merit.calibrate.sketch import split_parts
-    from merit.plan.curvature import measure
-    from merit.plan.splitters import gain_hessian, joint_loss, merged_loss
-
     cc, pc = run.cfg.calibration, run.cfg.planning
     if cc.microbatches < 2:
         raise PlanError("planning.hessian needs calibration.microbatches ≥ 2 (held-out parts)")
@@ -58,14 +72,14 @@ def _hessian_predictions(run: Run, names: list[str], tokens, candidates, k: int)
     run.say(f"measuring curvature at θ0 for {len(avail)} candidate plans (HVPs)")
     try:
         cur = measure(
-            run.load_base(),
+            run.base.load(),
             [enc[n] for n in names],
             [split_parts(len(enc[n]), cc.microbatches, cc.seed, n) for n in names],
             tokens,
             [c.groups for c in avail],
             k,
             cc.batch_size,
-            run.tokenizer.pad_token_id,
+            run.base.tokenizer.pad_token_id,
             pc.hessian_examples,
             run.progress,
         )
@@ -89,7 +103,7 @@ def _hessian_predictions(run: Run, names: list[str], tokens, candidates, k: int)
     }
 
 
-def _stability_warning(run: Run, st, k: int) -> str | None:
+def _stability_warning(run: Context, st, k: int) -> str | None:
     pc = run.cfg.planning
     if st is None or not st.ari_pairs < pc.stability_threshold:
         return None
@@ -173,44 +187,33 @@ class Plan(Artifact):
         return plan
 
 
-def make_plan(run: Run, add: bool = False) -> Plan:
+def build(ctx: Context, inputs: dict) -> Plan:
     """Cosine matrix → PCA conflict embedding → K sample-balanced groups → ``plan.json``.
 
-    Every splitter (median, sign, random, gain) is run and compared — predicted merging gain,
-    balance, bootstrap stability, and with ``planning.hessian`` the true-H gain and predicted
-    merged loss — and the configured one (or, for ``auto``, the best under
-    ``planning.objective``) is the plan. PNG plots are written next to it (``plan_plots/``).
-    With ``add``, only datasets new to the calibration are calibrated, and the plan records which
-    datasets changed group.
+    Every splitter (median, sign, random, gain, and any registered one) is run and compared —
+    predicted merging gain, balance, bootstrap stability, and with ``planning.hessian`` the
+    true-H gain and predicted merged loss — and the configured one (or, for ``auto``, the best
+    under ``planning.objective``) is the plan. PNG plots are written next to it
+    (``plan_plots/``). With the ``add`` option the plan records which datasets changed group.
     """
-    data = prepare_data(run)
-    previous = _load_plan(run)
-    cal = calibrate(run, add=add)
-    ok = previous is not None and (previous.base_fingerprint, previous.sketches_sha256) == (
-        run.base_fingerprint,
-        cal.sketches_sha256,
-    )
-    if run.reuse("plan", previous and previous.settings, "plan.json", ok):
-        return previous
-    rows = {r["name"]: r for r in data["datasets"]}
+    data: DataRecord = inputs["data"]
+    cal: CalibrationRecord = inputs["calibrate"]
+    previous = _load_plan(ctx) if ctx.options.get("add") else None
+    rows = {r["name"]: r for r in data.datasets}
     samples = np.array([rows[n]["splits"]["train"] for n in cal.datasets], dtype=np.float64)
     tokens = np.array([rows[n]["train_tokens"] for n in cal.datasets], dtype=np.int64)
-    with run.timed("plan"):
-        found = _split(run, cal, samples, tokens)
-    plan = _plan_record(run, cal, found, samples, tokens, rows)
-    if add and previous is not None:
+    found = _split(ctx, cal, samples, tokens)
+    plan = _plan_record(ctx, cal, found, samples, tokens, rows)
+    if previous is not None:
         plan.changes = _changes(previous, plan)
-    from merit.plan.figures import write_plan_plots
-
-    plots = write_plan_plots(plan.to_json(), run.paths.plan_plots)
-    plan.plots = [str(p.relative_to(run.paths.root)) for p in plots]
-    plan.save(run.paths.plan)
+    plots = write_plan_plots(plan.to_json(), ctx.paths.plan_plots)
+    plan.plots = [str(p.relative_to(ctx.paths.root)) for p in plots]
     return plan
 
 
-def _load_plan(run: Run) -> Plan | None:
+def _load_plan(ctx: Context) -> Plan | None:
     try:
-        return Plan.load_if(run.paths.plan)
+        return Plan.load_if(ctx.paths.plan)
     except (KeyError, TypeError):  # a plan.json of an older merit: planned again
         return None
 
@@ -226,25 +229,17 @@ class _Found:
     cosine_agreement: float | None
 
 
-def _split(run: Run, cal, samples: np.ndarray, tokens: np.ndarray) -> _Found:
+def _split(run: Context, cal, samples: np.ndarray, tokens: np.ndarray) -> _Found:
     """Every splitter on the conflict embedding; the configured (or best) one is chosen."""
-    from merit.plan.splitters import (
-        PlanInputs,
-        choose,
-        compare,
-        power_of_two,
-        resampled_cosine_agreement,
-        resampled_grams,
-    )
-
     pc = run.cfg.planning
     k = pc.groups
-    gram = cal.tensors["gram"].double().numpy()
+    tensors = sketch_tensors(run, cal)
+    gram = tensors["gram"].double().numpy()
     parts = None
     if run.cfg.calibration.microbatches > 1:
         owner = np.concatenate([np.full(len(p), t) for t, p in enumerate(cal.part_tokens)])
         parts = PartGram(
-            cal.tensors["part_gram"].double().numpy(),
+            tensors["part_gram"].double().numpy(),
             owner,
             np.concatenate([np.asarray(p, dtype=np.float64) for p in cal.part_tokens]),
         )
@@ -272,7 +267,7 @@ def _split(run: Run, cal, samples: np.ndarray, tokens: np.ndarray) -> _Found:
     )
 
 
-def _plan_record(run: Run, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
+def _plan_record(run: Context, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
     pc = run.cfg.planning
     k = pc.groups
     chosen = f.candidates[f.chosen]
@@ -280,9 +275,9 @@ def _plan_record(run: Run, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
     n_k, w_k = group_weights(groups, tokens, k)
     names = cal.datasets
     return Plan(
-        trainable=list(run.trainable) if run.trainable else None,
-        settings=run.cfg.settings("plan"),
-        base_fingerprint=run.base_fingerprint,
+        trainable=list(run.base.trainable) if run.base.trainable else None,
+        settings=run.cfg.settings(*READS),
+        base_fingerprint=run.base.fingerprint,
         sketches_sha256=cal.sketches_sha256,
         method=chosen.splitter,
         objective=pc.objective,
@@ -324,7 +319,7 @@ def _plan_record(run: Run, cal, f: _Found, samples, tokens, rows: dict) -> Plan:
     )
 
 
-def _stability_record(run: Run, st, cosine_agreement: float | None) -> dict | None:
+def _stability_record(run: Context, st, cosine_agreement: float | None) -> dict | None:
     if st is None:
         return None
     return {
@@ -336,7 +331,7 @@ def _stability_record(run: Run, st, cosine_agreement: float | None) -> dict | No
     }
 
 
-def _warnings(run: Run, chosen, k: int) -> list[str]:
+def _warnings(run: Context, chosen, k: int) -> list[str]:
     st = chosen.stability
     warnings = [w for w in [_stability_warning(run, st, k)] if w]
     if st is None:
@@ -349,8 +344,6 @@ def _warnings(run: Run, chosen, k: int) -> list[str]:
 
 def _changes(previous: Plan, plan: Plan) -> dict:
     """``--add``: which datasets are new, and which of the old ones changed group."""
-    from merit.plan.splitters import changed_groups
-
     old_names = [d.name for d in previous.datasets]
     names = [d.name for d in plan.datasets]
     groups = np.array([d.group for d in plan.datasets])
@@ -363,8 +356,8 @@ def _changes(previous: Plan, plan: Plan) -> dict:
     }
 
 
-def plan_hash(run: Run) -> str:
-    return sha256_file(run.paths.plan)
+def plan_hash(ctx: Context) -> str:
+    return sha256_file(ctx.paths.plan)
 
 
 def plan_summary(plan: Plan) -> str:
@@ -436,3 +429,28 @@ def plan_comparison(plan: Plan) -> str:
             "θ0 − τḡ does not depend on the split)"
         )
     return "\n".join(lines)
+
+
+def _show(ctx: Context, plan: Plan) -> str:
+    out = [plan_summary(plan)]
+    if ctx.options.get("compare"):
+        out.append(plan_comparison(plan))
+    out.append(f"plan -> {ctx.paths.plan} (plots in {ctx.paths.plan_plots})")
+    return "\n".join(out)
+
+
+STAGE = STAGES.register(
+    Stage(
+        name="plan",
+        help="conflict-aware split into K groups, with stability (writes plan.json, plots)",
+        reads=READS,
+        needs=("data", "calibrate"),
+        artifact=Plan,
+        path=lambda p: p.plan,
+        build=build,
+        what="plan.json",
+        version=3,
+        show=_show,
+        order=30,
+    )
+)

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from merit.data.bigbench import family
 from merit.diagnose.figures import JOINT_COLOR
 from merit.plan.figures import conflict_matrix_figure, group_color, png_bytes, pyplot, styled
-from merit.report.tables import family
 
 
 @styled

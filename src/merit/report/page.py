@@ -2,19 +2,23 @@
 
 Sections follow the pipeline: the mixture, the plan (conflict matrix ordered by group, the PCA
 map), each branch's loss curve, the merge, the diagnostics of the paper's premises (§4), and the
-results table laid out like the paper's (one row per model, one column per dataset family, the
-dataset average with its bootstrap interval), then paired comparisons. Each section is one
-function writing into a :class:`merit.report.document.Document`.
+results tables laid out like the paper's (one per registered metric: one row per model, one
+column per dataset family, the dataset average with its bootstrap interval), then paired
+comparisons. Each section is one function writing into a
+:class:`merit.report.document.Document`.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from merit.compare.results import table_cells
 from merit.diagnose.artifact import Diagnostics
 from merit.diagnose.figures import diagnostic_figures
+from merit.evaluate.metrics import Metric, headline, present
 from merit.report.document import Document, write_documents
 from merit.report.figures import loss_curve_figure, mixture_figure, plan_figures
 from merit.report.tables import (
@@ -61,6 +65,14 @@ class ReportData:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def page_metrics(items: Iterable[Mapping | None]) -> list[Metric]:
+    """The registered metrics that ``items`` (summaries, comparisons) have, in the page's order:
+    the headline metric first, then the others in table order."""
+    shown = present(items)
+    lead = headline(shown)
+    return ([lead] if lead else []) + [m for m in shown if m is not lead]
+
+
 def _kpis(rd: ReportData) -> list[tuple[str, str]]:
     plan, ev = rd.plan, rd.evaluation
     kpis = [
@@ -68,12 +80,13 @@ def _kpis(rd: ReportData) -> list[tuple[str, str]]:
         (f"K = {plan['K']}", f"branches from r = {plan['rank']} axes"),
     ]
     if "merged" in ev and "joint" in ev:
-        for metric, name in (("accuracy", "accuracy"), ("nll", "held-out NLL")):
-            a, b = ev["merged"]["summary"].get(metric), ev["joint"]["summary"].get(metric)
+        merged, joint = ev["merged"]["summary"], ev["joint"]["summary"]
+        for m in page_metrics([merged, joint]):
+            a, b = merged.get(m.name), joint.get(m.name)
             if a is not None and b is not None:
-                txt = f"{100 * (a - b):+.2f} pt" if metric == "accuracy" else f"{a - b:+.4f}"
-                better = "higher" if metric == "accuracy" else "lower"
-                kpis.append((txt, f"MERIT − joint, {name} ({better} is better)"))
+                unit = f" {m.fmt.delta_unit}" if m.fmt.delta_unit else ""
+                txt = m.fmt.delta(a - b) + unit
+                kpis.append((txt, f"MERIT − joint, {m.label} ({m.direction} is better)"))
     ratio = rd.diagnostics.distances.get("ratio_joint_merged") if rd.diagnostics else None
     if ratio:
         kpis.append((f"{ratio:.2f}×", "joint's distance / θ̄'s"))
@@ -254,11 +267,11 @@ def diagnostics_section(doc: Document, diag: Diagnostics | None) -> None:
             doc.p("No diagnostics yet: run `merit diagnose`.")
 
 
-def _results_table(doc: Document, ev: dict[str, dict], metric: str, title: str) -> None:
+def _results_table(doc: Document, ev: dict[str, dict], metric: Metric) -> None:
     order = model_order(ev)
     ft = family_table({m: ev[m] for m in order}, metric)
     conf = next((r["summary"].get("confidence") for r in ev.values()), None)
-    doc.h(3, title)
+    doc.h(3, metric.title)
     head = [
         "model",
         *[f"{c} ({s})" for c, s in zip(ft.columns, ft.sizes)],
@@ -274,43 +287,50 @@ def _results_table(doc: Document, ev: dict[str, dict], metric: str, title: str) 
     doc.table(head, rows, cls="results", strong=best_cells(ft, order, metric))
 
 
-def _paired(r: dict | None, scale: float, fmt: str) -> str:
+def _paired(r: dict | None, m: Metric) -> str:
     if not r:
         return "–"
     lo, hi = r["ci"]
-    return f"{scale * r['difference']:{fmt}} [{scale * lo:{fmt}}, {scale * hi:{fmt}}]"
+    return f"{m.fmt.delta(r['difference'])} [{m.fmt.delta(lo)}, {m.fmt.delta(hi)}]"
+
+
+def _comparison_head(m: Metric, lead: bool) -> list[str]:
+    """A metric's columns: its difference (unit named in the header), P(A better) and, for the
+    headline metric, the datasets each model wins; the headline's read plainly ("better"), the
+    others name their direction ("P(A lower NLL)")."""
+    unit = f" ({m.fmt.delta_unit})" if m.fmt.delta_unit else ""
+    if lead:
+        return [f"Δ {m.noun}{unit} [CI]", "P(A better)", "datasets A/=/B"]
+    return [f"Δ {m.noun}{unit} [CI]", f"P(A {m.better})"]
+
+
+def _comparison_cells(p: dict | None, m: Metric, lead: bool) -> list[str]:
+    cells = [_paired(p, m), f"{p['p_a_better']:.2f}" if p else "–"]
+    if lead:
+        cells.append(f"{p['wins']}/{p['ties']}/{p['losses']}" if p else "–")
+    return cells
 
 
 def _comparisons(doc: Document, rd: ReportData) -> None:
     doc.h(3, "Paired comparisons")
+    shown = page_metrics(rd.comparisons.values())
+    lead = headline(shown)
     rows = []
     for name, r in rd.comparisons.items():
-        n, a = r.get("nll"), r.get("accuracy")
-        rows.append(
-            [
-                comparison_title(name, r, rd.evaluation),
-                _paired(a, 100, "+.2f"),
-                f"{a['p_a_better']:.2f}" if a else "–",
-                f"{a['wins']}/{a['ties']}/{a['losses']}" if a else "–",
-                _paired(n, 1, "+.4f"),
-                f"{n['p_a_better']:.2f}" if n else "–",
-            ]
-        )
-    head = ["A vs B", "Δ accuracy (pt) [CI]", "P(A better)", "datasets A/=/B", "Δ NLL [CI]"]
-    doc.table([*head, "P(A lower NLL)"], rows)
+        cells = [comparison_title(name, r, rd.evaluation)]
+        for m in shown:
+            cells += _comparison_cells(r.get(m.name), m, m is lead)
+        rows.append(cells)
+    head = [c for m in shown for c in _comparison_head(m, m is lead)]
+    doc.table(["A vs B", *head], rows)
     doc.p("Both models resampled with the same examples in every bootstrap draw (paired).", "muted")
 
 
 def results_section(doc: Document, rd: ReportData) -> None:
     with doc.section("results", "Results"):
         if rd.evaluation:
-            _results_table(doc, rd.evaluation, "accuracy", "Accuracy (%) per dataset family")
-            _results_table(
-                doc,
-                rd.evaluation,
-                "nll",
-                "Held-out NLL per answer token, per dataset family (lower is better)",
-            )
+            for m in page_metrics(r["summary"] for r in rd.evaluation.values()):
+                _results_table(doc, rd.evaluation, m)
             doc.p(
                 "Columns: dataset families (number of datasets); every dataset counts once. "
                 "Multiple choice is scored by log-likelihood normalised by answer length; "
@@ -324,8 +344,6 @@ def results_section(doc: Document, rd: ReportData) -> None:
 
 def comparison_section(doc: Document, rd: ReportData) -> None:
     """`merit compare`'s table (paper §5): every row against joint training, one token budget."""
-    from merit.compare.results import table_cells
-
     res = rd.comparison
     if not res:
         return

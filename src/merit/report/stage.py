@@ -2,48 +2,76 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from dataclasses import dataclass
 
-from merit.artifacts import read_json
-from merit.diagnose.stage import diagnose
-from merit.evaluate.stage import evaluate, needs_branches
-from merit.plan.stage import make_plan
-from merit.run import Run, record_timing
+from merit.artifacts import Artifact, read_json
+from merit.config import RunConfig
+from merit.evaluate.stage import needs_branches
+from merit.graph import STAGES, Context, Stage
+from merit.report.page import ReportData, build_report
+from merit.train.stage import BranchManifest
 
 
-def report(run: Run) -> Path:
+@dataclass
+class Report(Artifact):
+    """``report/report.json``: where the page and its Markdown twin are."""
+
+    html: str
+    markdown: str
+
+
+def needs(cfg: RunConfig) -> tuple[str, ...]:
+    # A row of `merit compare` may hold θ0 or joint training only: no branches to diagnose.
+    merged = ("train", "merge", "diagnose") if needs_branches(cfg) else ()
+    return ("data", "plan", "evaluate", *merged)
+
+
+def _manifest(ctx: Context, job_dir) -> dict | None:
+    path = ctx.paths.manifest(job_dir)
+    return BranchManifest.load(path).to_json() if path.is_file() else None
+
+
+def build(ctx: Context, inputs: dict) -> Report:
     """One self-contained HTML page (figures embedded) and a Markdown twin of the whole run:
     mixture, plan, branch curves, merge, diagnostics and the results table; ``report/``."""
-    from merit.report.page import ReportData, build_report
-
-    plan = make_plan(run)
-    result = evaluate(run)  # trains and merges first
-    merged = needs_branches(run)  # a row of `merit compare` may hold θ0 or joint training only
-    diag = diagnose(run) if merged else None
-    t0 = time.perf_counter()
-    compare = run.paths.root / "compare"
-    compared = (compare / "results.json").is_file()  # `merit compare` ran here
-    joint_m = run.paths.manifest(run.paths.baseline("joint"))
-    merge_m = run.paths.merged / "merge_manifest.json"
+    plan, result = inputs["plan"], inputs["evaluate"]
+    # `merit compare` ran here: its results as written (compare sits above the report's stage).
+    at = ctx.paths.compare_results
+    compared = read_json(at) if at.is_file() else None
+    figure = ctx.paths.compare / "gain.png"
+    merge = inputs.get("merge")
     rd = ReportData(
-        title=f"merit report: {run.paths.root.resolve().name}",
-        run_dir=str(run.paths.root),
-        config=run.cfg.model_dump(mode="json"),
-        data=read_json(run.paths.data) if run.paths.data.is_file() else None,
+        title=f"merit report: {ctx.paths.root.resolve().name}",
+        run_dir=str(ctx.paths.root),
+        config=ctx.cfg.model_dump(mode="json"),
+        data=inputs["data"].to_json(),
         plan=plan.to_json(),
-        branches=[read_json(run.paths.manifest(run.paths.branch(g.id))) for g in plan.groups]
-        if merged
-        else [],
-        joint=read_json(joint_m) if joint_m.is_file() else None,
-        merge=read_json(merge_m) if merge_m.is_file() else None,
+        branches=[_manifest(ctx, ctx.paths.branch(g.id)) for g in plan.groups] if merge else [],
+        joint=_manifest(ctx, ctx.paths.baseline("joint")),
+        merge=merge.to_json() if merge else None,
         evaluation=result.models,
         comparisons=result.comparisons,
-        diagnostics=diag,
-        comparison=read_json(compare / "results.json") if compared else None,
-        comparison_figure=(compare / "gain.png").read_bytes() if compared else None,
-        timings=read_json(run.paths.timings) if run.paths.timings.is_file() else {},
+        diagnostics=inputs.get("diagnose"),
+        comparison=compared,
+        comparison_figure=figure.read_bytes() if compared and figure.is_file() else None,
+        timings=read_json(ctx.paths.timings) if ctx.paths.timings.is_file() else {},
     )
-    html_path, _ = build_report(rd, run.paths.report)
-    record_timing(run, "report", time.perf_counter() - t0)
-    return html_path
+    html, md = build_report(rd, ctx.paths.report)
+    return Report(str(html), str(md))
+
+
+STAGES.register(
+    Stage(
+        name="report",
+        help="one self-contained HTML page (and Markdown) of the whole run",
+        reads=(),
+        needs=needs,
+        artifact=Report,
+        path=lambda p: p.report_record,
+        build=build,
+        what="the report",
+        always=True,
+        show=lambda _ctx, r: f"report -> {r.html} (and {r.markdown})",
+        order=80,
+    )
+)

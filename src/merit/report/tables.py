@@ -12,14 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from merit.data.bigbench import family
+from merit.evaluate.metrics import HEADLINE, Metric, resolve
+
 # The paper's table order: θ0, joint training, the merge, then the branches.
 MODEL_ORDER = ("base", "joint", "merged")
 _BRANCH = re.compile(r"branch-(\d+)")
-
-
-def family(name: str) -> str:
-    """A dataset's family: BIG-bench ``FAMILY__SUBTASK`` files share FAMILY; others stand alone."""
-    return name.split("__", 1)[0]
 
 
 def model_label(key: str, rec: dict) -> str:
@@ -81,12 +79,14 @@ def _family_columns(datasets, max_columns: int) -> dict[str, list[str]]:
 
 
 def family_table(
-    evaluation: dict[str, dict], metric: str = "accuracy", max_columns: int = 16
+    evaluation: dict[str, dict], metric: str | Metric = HEADLINE, max_columns: int = 16
 ) -> FamilyTable:
-    """Models × dataset families (each dataset counts once in its family and in the average).
+    """Models × dataset families (each dataset counts once in its family and in the average)
+    of one registered metric (its name or itself).
 
     With more than ``max_columns`` families, the largest keep a column and the rest share one.
     """
+    m = resolve(metric)
     columns = _family_columns(next(iter(evaluation.values()))["datasets"], max_columns)
     rows: dict[str, list[float | None]] = {}
     avg: dict[str, float | None] = {}
@@ -95,28 +95,31 @@ def family_table(
         per = rec["datasets"]
         vals = []
         for names in columns.values():
-            xs = [per[n][metric] for n in names if per.get(n, {}).get(metric) is not None]
+            xs = [v for n in names if n in per and (v := m.value(per[n])) is not None]
             vals.append(float(np.mean(xs)) if xs else None)
         rows[key] = vals
-        avg[key] = rec["summary"].get(metric)
-        ci[key] = rec["summary"].get(f"{metric}_ci")
+        avg[key] = rec["summary"].get(m.name)
+        ci[key] = rec["summary"].get(f"{m.name}_ci")
     return FamilyTable(list(columns), [len(v) for v in columns.values()], rows, avg, ci)
 
 
-def cell(v: float | None, metric: str) -> str:
+def cell(v: float | None, metric: str | Metric) -> str:
+    """A value in a per-family table: "56.8" (accuracy, in %), "0.123" (NLL); "–" if none."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{100 * v:.1f}" if metric == "accuracy" else f"{v:.3f}"
+    return resolve(metric).fmt.short(v)
 
 
-def best_cells(ft: FamilyTable, order: list[str], metric: str) -> set[tuple[int, int]]:
-    """(row, column) of the best model of each column (highest accuracy, lowest NLL), ties
-    included; column 0 is the model name. A column where all models agree has none."""
+def best_cells(ft: FamilyTable, order: list[str], metric: str | Metric) -> set[tuple[int, int]]:
+    """(row, column) of the best model of each column (highest accuracy, lowest NLL: the
+    metric's direction), ties included; column 0 is the model name. A column where all models
+    agree has none."""
+    pick = max if resolve(metric).higher_is_better else min
     strong = set()
     for c in range(len(ft.columns) + 1):
         vals = [(ft.rows[m] + [ft.average[m]])[c] for m in order]
         known = [v for v in vals if v is not None]
         if known and len(set(known)) > 1:
-            best = max(known) if metric == "accuracy" else min(known)
+            best = pick(known)
             strong |= {(r, c + 1) for r, v in enumerate(vals) if v == best}
     return strong

@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ def run_local(
     pool = _LocalPool(jobs, thread_env(threads), retries, say)
     stop: list[int] = []
     previous = {}
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             previous[sig] = signal.signal(sig, lambda s, _f: stop.append(s))
@@ -291,30 +290,36 @@ def run_ray(
         for job in pending:
             refs[task.remote(job.argv, str(job.out_dir), env, os.getcwd())] = job
         states = {j.label: ("done" if j not in pending else "running") for j in jobs}
-        results = []
-        last_line = ""
-        waiting = list(refs)
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1, timeout=poll)
-            for ref in ready:
-                job = refs[ref]
-                try:
-                    rc = ray.get(ref)
-                except Exception as err:  # a task that ran out of retries
-                    raise LaunchError(f"{job.label} failed: {err}") from None
-                if rc != EXIT_OK:
-                    tail = _tail(job.out_dir / "launch.log")
-                    raise LaunchError(f"{job.label} failed with exit code {rc}:\n{tail}")
-                states[job.label] = "done"
-                results.append(JobResult(job.label, rc, 0, time.perf_counter() - t0))
-            line = progress_line(jobs, states)
-            if line != last_line:
-                say(line)
-                last_line = line
-        return results
+        return _await_ray(ray, refs, jobs, states, t0, say, poll)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _await_ray(ray, refs: dict, jobs: Sequence[Job], states: dict[str, str], t0: float, say, poll):
+    """Wait for every task of ``refs`` (object ref → job), saying the progress line when it
+    changes; a task that failed for good (out of retries, or exit 2) is a :class:`LaunchError`."""
+    results = []
+    last_line = ""
+    waiting = list(refs)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=poll)
+        for ref in ready:
+            job = refs[ref]
+            try:
+                rc = ray.get(ref)
+            except Exception as err:  # a task that ran out of retries
+                raise LaunchError(f"{job.label} failed: {err}") from None
+            if rc != EXIT_OK:
+                tail = _tail(job.out_dir / "launch.log")
+                raise LaunchError(f"{job.label} failed with exit code {rc}:\n{tail}")
+            states[job.label] = "done"
+            results.append(JobResult(job.label, rc, 0, time.perf_counter() - t0))
+        line = progress_line(jobs, states)
+        if line != last_line:
+            say(line)
+            last_line = line
+    return results
 
 
 # -- commands for other schedulers --------------------------------------------------------------

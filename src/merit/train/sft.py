@@ -12,48 +12,44 @@ tokens seen). A re-run resumes from the newest *sealed and intact* checkpoint an
 bitwise equal to an uninterrupted run: merit fixes the whole example order up front (a seeded
 length-grouped permutation per epoch) and the Trainer reads it sequentially, so skipping the
 batches already trained is exact. SIGTERM / SIGUSR1 checkpoint at the end of the current step and
-raise :class:`Preempted`.
+raise :class:`Preempted`. The checkpoints are :mod:`merit.train.checkpoints`, what runs in the
+Trainer's loop (signals, token counts, progress) :mod:`merit.train.callbacks`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import re
-import shutil
-import signal
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from merit.artifacts import sha256_file, write_json
 from merit.config import TrainingConfig
 from merit.data.formats import Example
+from merit.data.mixture import vision_messages
 from merit.lm import Encoded
 
-CHECKPOINT_MARKER = "merit-checkpoint.json"
-PROGRESS_FILE = "progress.json"
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGUSR1 after checkpointing; re-running resumes it."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        self.step = step
-        self.checkpoint = checkpoint
-        super().__init__(
-            f"preempted at step {step}; checkpoint {checkpoint} saved, re-run the same command to "
-            "resume"
-        )
+# Checkpoints and preemption, imported from here by the CLI, the train stage and the tests.
+from merit.train.callbacks import (  # noqa: F401
+    PREEMPT_SIGNALS,
+    PROGRESS_FILE,
+    Preempted,
+    branch_callback,
+    preemption_signals,
+    trainer_class,
+)
+from merit.train.checkpoints import (  # noqa: F401
+    CHECKPOINT_MARKER,
+    checkpoint_dirs,
+    checkpoint_problem,
+    newest_valid_checkpoint,
+    resume_point,
+    seal_checkpoint,
+)
+from merit.train.lora import save_lora_branch, wrap_lora
+from merit.vision import is_processor, save_processor
 
 
 @dataclass
@@ -114,8 +110,6 @@ def _to_dataset(
 
     order = range(len(records)) if order is None else order
     if examples is not None:
-        from merit.data.mixture import vision_messages
-
         return Dataset.from_list(
             [
                 {
@@ -184,11 +178,7 @@ def sft_config(
         # so a branch has the same optimizer steps and schedule on 1 GPU or 8.
         accelerator_config={"split_batches": True} if distributed else None,
         logging_steps=max(1, steps // 40),
-        save_strategy="steps" if checkpoint_steps else "no",
-        save_steps=checkpoint_steps or 500,
-        save_total_limit=keep_checkpoints if checkpoint_steps else None,
-        save_only_model=False,
-        restore_callback_states_from_checkpoint=False,
+        **_checkpointing(checkpoint_steps, keep_checkpoints),
         report_to=[],
         disable_tqdm=not progress,
         # A vision-language batch without images leaves the projector without gradients.
@@ -198,194 +188,16 @@ def sft_config(
     )
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-def checkpoint_dirs(trainer_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every ``checkpoint-N`` directory, newest first."""
-    trainer_dir = Path(trainer_dir)
-    if not trainer_dir.is_dir():
-        return []
-    found = []
-    for p in trainer_dir.iterdir():
-        m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def seal_checkpoint(ckpt: Path, step: int, tokens_seen: int, run_key: str) -> dict:
-    """Write the marker that makes a checkpoint valid: every file's size and sha256.
-
-    Called after the Trainer has finished writing the checkpoint, so a checkpoint without it
-    (killed mid-write, or still being uploaded) is never resumed from.
-    """
-    files = {
-        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        for f in sorted(ckpt.rglob("*"))
-        if f.is_file() and f.name != CHECKPOINT_MARKER and not f.name.startswith(".")
+def _checkpointing(checkpoint_steps: int | None, keep_checkpoints: int) -> dict:
+    """The ``SFTConfig`` settings for checkpoints: every ``checkpoint_steps`` steps (if any),
+    the newest ``keep_checkpoints`` kept, with optimizer state; callbacks' state not restored."""
+    return {
+        "save_strategy": "steps" if checkpoint_steps else "no",
+        "save_steps": checkpoint_steps or 500,
+        "save_total_limit": keep_checkpoints if checkpoint_steps else None,
+        "save_only_model": False,
+        "restore_callback_states_from_checkpoint": False,
     }
-    marker = {"step": step, "tokens_seen": tokens_seen, "run_key": run_key, "files": files}
-    write_json(ckpt / CHECKPOINT_MARKER, marker)
-    return marker
-
-
-def checkpoint_problem(ckpt: Path, run_key: str) -> str | None:
-    """Why ``ckpt`` cannot be resumed from, or None if it is complete and intact."""
-    mp = ckpt / CHECKPOINT_MARKER
-    try:
-        marker = json.loads(mp.read_text())
-    except FileNotFoundError:
-        return "incomplete (no marker)"
-    except (OSError, ValueError) as err:
-        return f"unreadable marker ({err.__class__.__name__})"
-    if marker.get("run_key") != run_key:
-        return "from another plan, θ0 or schedule"
-    m = _CHECKPOINT_RE.match(ckpt.name)
-    if not m or int(m.group(1)) != marker.get("step"):
-        return "marker names another step"
-    for name, rec in marker.get("files", {}).items():
-        f = ckpt / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != rec["size"]:
-            return f"{name} has {f.stat().st_size} bytes, sealed with {rec['size']}"
-        if sha256_file(f) != rec["sha256"]:
-            return f"{name} differs from its sealed sha256"
-    return None
-
-
-def newest_valid_checkpoint(
-    trainer_dir: str | Path, run_key: str
-) -> tuple[tuple[Path, dict] | None, list[tuple[Path, str]]]:
-    """The newest complete, intact checkpoint (path, marker) and the newer ones passed over."""
-    skipped = []
-    for _step, ckpt in checkpoint_dirs(trainer_dir):
-        problem = checkpoint_problem(ckpt, run_key)
-        if problem is None:
-            return (ckpt, json.loads((ckpt / CHECKPOINT_MARKER).read_text())), skipped
-        skipped.append((ckpt, problem))
-    return None, skipped
-
-
-# -- signals, token counting, progress ---------------------------------------------------------
-class _StopFlag:
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum, _frame) -> None:
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def preemption_signals() -> Iterator[_StopFlag]:
-    """SIGTERM / SIGUSR1 set a flag (checked at each step end) instead of killing the process."""
-    flag = _StopFlag()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in PREEMPT_SIGNALS:
-            previous[sig] = signal.signal(sig, flag)
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _world_sum(values: list[int], device: torch.device) -> list[int]:
-    """Sum over the processes of a distributed (accelerate) run; identity in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return [int(x) for x in t.tolist()]
-
-
-def _trainer_class():
-    from trl import SFTTrainer
-
-    class BranchTrainer(SFTTrainer):
-        """SFTTrainer that counts the tokens of every micro-batch it trains on.
-
-        TRL's own ``num_input_tokens_seen`` restarts on resume; this count is restored from the
-        checkpoint marker, so the manifest's tokens seen covers the whole branch.
-        """
-
-        merit_tokens_since_step = 0
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            n = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.merit_tokens_since_step += n
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    return BranchTrainer
-
-
-def _branch_callback(
-    trainer_ref: list,
-    flag: _StopFlag,
-    run_key: str,
-    tokens_start: int,
-    progress_path: Path | None,
-    label: str,
-):
-    from transformers import TrainerCallback
-
-    class BranchCallback(TrainerCallback):
-        """Counts tokens, stops on a preemption signal, seals checkpoints, reports progress."""
-
-        def __init__(self) -> None:
-            self.tokens_seen = tokens_start
-            self.last_loss: float | None = None
-            self.last_write = 0.0
-            self.stopped_by: int | None = None
-
-        def on_step_end(self, args, state, control, **kw):
-            trainer = trainer_ref[0]
-            stop, tokens = _world_sum(
-                [int(flag.signum is not None), trainer.merit_tokens_since_step], args.device
-            )
-            trainer.merit_tokens_since_step = 0
-            self.tokens_seen += tokens
-            if stop and state.global_step < state.max_steps:
-                self.stopped_by = flag.signum or signal.SIGTERM
-                control.should_save = True
-                control.should_training_stop = True
-            self._progress(state, "running", force=bool(control.should_save))
-
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                seal_checkpoint(ckpt, state.global_step, self.tokens_seen, run_key)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.last_loss = float(logs["loss"])
-
-        def _progress(self, state, status: str, force: bool = False) -> None:
-            now = time.time()
-            if progress_path is None or not state.is_world_process_zero:
-                return
-            if not force and now - self.last_write < 0.2:
-                return
-            self.last_write = now
-            write_json(
-                progress_path,
-                {
-                    "label": label,
-                    "status": status,
-                    "step": state.global_step,
-                    "max_steps": state.max_steps,
-                    "tokens_seen": self.tokens_seen,
-                    "loss": self.last_loss,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "time": now,
-                },
-            )
-
-    return BranchCallback()
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -423,8 +235,8 @@ def train_sft(
     """
     out_dir = Path(out_dir)
     say = log or (lambda _msg: None)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    p0 = next(model.parameters())  # θ0's device and dtype
+    device, dtype = p0.device, p0.dtype
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     order = schedule([len(r.input_ids) for r in records], per_step, cfg.epochs, cfg.seed, max_steps)
     trainer_dir = out_dir / "trainer"
@@ -441,21 +253,33 @@ def train_sft(
         vision=examples is not None,
     )
     resume, tokens_start, dropped = (
-        _resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
+        resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
     )
-    if cfg.lora is not None:
-        from merit.train.lora import wrap_lora
+    hooks = (run_key, tokens_start, out_dir / PROGRESS_FILE if checkpoint_steps else None, label)
+    data = (records, order, examples)
+    trainer, callback = _fit(model, tokenizer, cfg, args, data, hooks, resume, trainer_dir)
+    _save_final(trainer, tokenizer, out_dir, dtype, save_dtype, lora=cfg.lora is not None)
+    callback._progress(trainer.state, "trained", force=True)
+    return _result(trainer.state, records, order, callback.tokens_seen, resume, dropped)
 
+
+def _fit(
+    model, tokenizer, cfg: TrainingConfig, args, data: tuple, hooks: tuple, resume, trainer_dir
+):
+    """Train ``model`` (wrapped in LoRA adapters with ``cfg.lora``) on ``data`` (``_to_dataset``'s
+    arguments) under the preemption signals; returns (trainer, callback), or raises
+    :class:`Preempted` when a signal stopped training early (after the checkpoint of the current
+    step). ``hooks``: ``branch_callback``'s last four arguments."""
+    if cfg.lora is not None:
         model = wrap_lora(model, cfg.lora)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer_ref: list = []
     with preemption_signals() as flag:
-        progress_file = out_dir / PROGRESS_FILE if checkpoint_steps else None
-        callback = _branch_callback(trainer_ref, flag, run_key, tokens_start, progress_file, label)
-        trainer = _trainer_class()(
+        callback = branch_callback(trainer_ref, flag, *hooks)
+        trainer = trainer_class()(
             model=model,
             args=args,
-            train_dataset=_to_dataset(records, order, examples),
+            train_dataset=_to_dataset(*data),
             processing_class=tokenizer,
             callbacks=[callback],
         )
@@ -465,27 +289,7 @@ def train_sft(
     if callback.stopped_by is not None and state.global_step < state.max_steps:
         callback._progress(state, "preempted", force=True)
         raise Preempted(state.global_step, trainer_dir / f"checkpoint-{state.global_step}")
-    _save_final(trainer, tokenizer, out_dir, dtype, save_dtype, lora=cfg.lora is not None)
-    callback._progress(state, "trained", force=True)
-    return _result(state, records, order, callback.tokens_seen, resume, dropped)
-
-
-def _resume_point(
-    trainer_dir: Path, run_key: str, label: str, say: Callable[[str], None]
-) -> tuple[Path | None, int, list[str]]:
-    """The newest sealed checkpoint of this job (and the tokens it had seen); unusable newer
-    ones are deleted and named."""
-    found, skipped = newest_valid_checkpoint(trainer_dir, run_key)
-    dropped = []
-    for ckpt, why in skipped:
-        say(f"{label}: {ckpt.name} is not usable ({why}); falling back to an older one")
-        dropped.append(ckpt.name)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    if found is None:
-        return None, 0, dropped
-    resume, marker = found
-    say(f"{label}: resuming from {resume.name} (step {marker['step']})")
-    return resume, int(marker["tokens_seen"]), dropped
+    return trainer, callback
 
 
 def _result(state, records, order, tokens_seen: int, resume, dropped) -> TrainResult:
@@ -519,8 +323,6 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
         if lora:
-            from merit.train.lora import save_lora_branch
-
             save_lora_branch(model, out_dir, save_dtype or dtype)
         else:
             if save_dtype is not None and save_dtype != dtype:
@@ -532,8 +334,6 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
 
 def _save_processing(tokenizer, out: Path) -> None:
     """The tokenizer, or a vision-language model's processor, beside the weights."""
-    from merit.vision import is_processor, save_processor
-
     if is_processor(tokenizer):
         save_processor(tokenizer, out)
     else:

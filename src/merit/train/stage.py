@@ -7,6 +7,7 @@ preemption, and writes its manifest last. Launchers only run the same command pe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,11 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from merit.artifacts import Artifact, atomic_path, read_json, sha256_file
 from merit.calibrate.sketch import parameter_layout
-from merit.plan.stage import Plan, make_plan, plan_hash
-from merit.run import Run, RunPaths, StageError
+from merit.config import EXPERIMENT, save_config
+from merit.errors import StageError
+from merit.graph import STAGES, Context, Stage
+from merit.plan.stage import READS as PLAN_READS
+from merit.plan.stage import Plan, plan_hash
+from merit.run import RunPaths
+from merit.train import launchers as orch
+from merit.train.launchers import LaunchError
+from merit.train.sft import train_sft
+
+READS = EXPERIMENT
 
 
 @dataclass
@@ -75,7 +86,7 @@ class Job:
     argv: list[str] = field(default_factory=list)
 
 
-def _pinned_plan(run: Run, plan_sha256: str) -> Plan:
+def _pinned_plan(run: Context, plan_sha256: str) -> Plan:
     """The existing plan, if it is the one the launcher saw; a branch command never re-plans."""
     if not run.paths.plan.is_file():
         raise StageError(f"no plan at {run.paths.plan}: run `merit plan` before the branches")
@@ -86,17 +97,17 @@ def _pinned_plan(run: Run, plan_sha256: str) -> Plan:
             "(re-planned since the branches were launched?)"
         )
     plan = Plan.load(run.paths.plan)
-    if plan.settings != run.cfg.settings("plan"):
+    if plan.settings != run.cfg.settings(*PLAN_READS):
         raise StageError(f"{run.paths.plan} was made from other settings")
     return plan
 
 
-def _verify_job_inputs(run: Run, plan: Plan, names: list[str], label: str) -> None:
+def _verify_job_inputs(run: Context, plan: Plan, names: list[str], label: str) -> None:
     """θ0's fingerprint and every dataset's sha256 must be the plan's; else one error."""
     problems = []
-    if plan.base_fingerprint != run.base_fingerprint:
+    if plan.base_fingerprint != run.base.fingerprint:
         problems.append(
-            f"θ0 {run.base_dir} has fingerprint {run.base_fingerprint[:12]}…, the plan was made "
+            f"θ0 {run.base.dir} has fingerprint {run.base.fingerprint[:12]}…, the plan was made "
             f"from {plan.base_fingerprint[:12]}…"
         )
     rows = {d.name: d for d in plan.datasets}
@@ -110,13 +121,13 @@ def _verify_job_inputs(run: Run, plan: Plan, names: list[str], label: str) -> No
         raise StageError(f"{label}: " + "; ".join(problems))
 
 
-def finished(run: Run, out: Path, p_hash: str) -> BranchManifest | None:
+def finished(run: Context, out: Path, p_hash: str) -> BranchManifest | None:
     """The job's manifest if it is complete for this plan, θ0 and training settings."""
     mp = RunPaths.manifest(out)
     if not mp.is_file():
         return None
     m = BranchManifest.load(mp)
-    if not m.matches(p_hash, run.base_fingerprint, run.cfg.settings_hash("train")):
+    if not m.matches(p_hash, run.base.fingerprint, run.cfg.experiment_hash()):
         return None
     if not all((out / rel).is_file() for rel in m.weights):
         return None
@@ -126,9 +137,6 @@ def finished(run: Run, out: Path, p_hash: str) -> BranchManifest | None:
 def _branch_lock(out: Path, label: str, say):
     """An exclusive lock on the job directory: a re-run (say a Ray retry on another node while
     the preempted process still writes its checkpoint) waits instead of training alongside."""
-    import contextlib
-
-    from filelock import FileLock, Timeout
 
     @contextlib.contextmanager
     def lock():
@@ -155,16 +163,16 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _save_dtype(run: Run, model) -> torch.dtype:
+def _save_dtype(run: Context, model) -> torch.dtype:
     """θ0's stored dtype: every branch is saved with θ0's tensor layout."""
-    config = read_json(run.base_dir / "config.json")
+    config = read_json(run.base.dir / "config.json")
     saved = config.get("dtype") or config.get("torch_dtype")
     if isinstance(saved, str) and isinstance(getattr(torch, saved, None), torch.dtype):
         return getattr(torch, saved)
     return next(model.parameters()).dtype
 
 
-def _train_one(run: Run, plan: Plan, job: Job) -> BranchManifest:
+def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
     """Train one job idempotently: skip if done, else resume, then write its manifest.
 
     Raises :class:`merit.train.sft.Preempted` after checkpointing on SIGTERM / SIGUSR1.
@@ -192,10 +200,8 @@ def _train_one(run: Run, plan: Plan, job: Job) -> BranchManifest:
     return manifest
 
 
-def _fit(run: Run, job: Job, p_hash: str):
+def _fit(run: Context, job: Job, p_hash: str):
     """Run TRL on the job's examples; check merit's own token count against the schedule."""
-    from merit.train.sft import train_sft
-
     train = run.encoded("train")
     records = [e for n in job.datasets for e in train[n]]
     tokens = sum(len(e.input_ids) for e in records)
@@ -206,13 +212,13 @@ def _fit(run: Run, job: Job, p_hash: str):
         f"{tokens} tokens"
     )
     # A checkpoint is resumed only by the same job: plan, θ0, training settings, datasets.
-    key = [p_hash, run.base_fingerprint, run.cfg.settings_hash("train"), job.label, job.datasets]
-    model = run.load_base()
+    key = [p_hash, run.base.fingerprint, run.cfg.experiment_hash(), job.label, job.datasets]
+    model = run.base.load()
     layout = parameter_layout(model)
     rt = run.cfg.runtime
     res = train_sft(
         model,
-        run.processor,
+        run.base.processor,
         records,
         run.cfg.training,
         job.out,
@@ -226,7 +232,7 @@ def _fit(run: Run, job: Job, p_hash: str):
         log=run.say,
         examples=(
             [ex for n in job.datasets for ex in run.mixture[n].examples("train")]
-            if run.is_vision
+            if run.base.is_vision
             else None
         ),
     )
@@ -240,7 +246,9 @@ def _fit(run: Run, job: Job, p_hash: str):
     return res, layout
 
 
-def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float, layout: str) -> BranchManifest:
+def _manifest(
+    run: Context, job: Job, p_hash: str, res, seconds: float, layout: str
+) -> BranchManifest:
     weights = {
         str(f.relative_to(job.out)): sha256_file(f)
         for sub in ("model", "adapter")
@@ -252,8 +260,8 @@ def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float, layout: str)
         label=job.label,
         group=job.group,
         plan_sha256=p_hash,
-        base_fingerprint=run.base_fingerprint,
-        training=run.cfg.settings_hash("train"),
+        base_fingerprint=run.base.fingerprint,
+        training=run.cfg.experiment_hash(),
         datasets=job.datasets,
         examples=res.examples,
         tokens=res.tokens,
@@ -274,13 +282,13 @@ def _manifest(run: Run, job: Job, p_hash: str, res, seconds: float, layout: str)
         losses=res.losses,
         seconds=seconds,
         weights=weights,
-        trainable=list(run.trainable) if run.trainable else None,
+        trainable=list(run.base.trainable) if run.base.trainable else None,
         layout=layout,
     )
 
 
 def jobs(
-    run: Run,
+    run: Context,
     plan: Plan,
     branch: int | None = None,
     baseline: str | None = None,
@@ -310,7 +318,7 @@ def jobs(
     return out
 
 
-def _job_command(run: Run, kind: str, ident, p_hash: str, merit: list[str]) -> list[str]:
+def _job_command(run: Context, kind: str, ident, p_hash: str, merit: list[str]) -> list[str]:
     """The idempotent command that trains one job (what every launcher runs)."""
     root = run.paths.root.resolve()
     launch_cfg = root / run.paths.launch_config.relative_to(run.paths.root)
@@ -326,60 +334,35 @@ def _job_command(run: Run, kind: str, ident, p_hash: str, merit: list[str]) -> l
     ]
 
 
-def _write_launch_config(run: Run) -> None:
+def _write_launch_config(run: Context) -> None:
     """The resolved config the branch commands read (atomically: branches may be reading it)."""
-    from merit.config import save_config
-
     with atomic_path(run.paths.launch_config) as tmp:
         save_config(run.cfg, tmp)
 
 
-def branch_commands(run: Run, kind: str) -> str:
+def branch_commands(run: Context, plan: Plan, kind: str) -> str:
     """The branch (and baseline) commands for another scheduler: shell, slurm or skypilot."""
-    from merit.train.launchers import Job as LaunchJob
-    from merit.train.launchers import print_commands
-
-    plan = make_plan(run)
     p_hash = plan_hash(run)
     _write_launch_config(run)
     launch = [
-        LaunchJob(j.label, _job_command(run, j.kind, j.ident, p_hash, ["merit"]), j.out)
+        orch.Job(j.label, _job_command(run, j.kind, j.ident, p_hash, ["merit"]), j.out)
         for j in jobs(run, plan)
     ]
     template = _job_command(run, "branch", "{BRANCH}", p_hash, ["merit"])
-    return print_commands(kind, launch, template, plan.K, run.cfg.runtime.branch_gpus)
+    return orch.print_commands(kind, launch, template, plan.K, run.cfg.runtime.branch_gpus)
 
 
-def train(
-    run: Run,
-    branch: int | None = None,
-    baseline: str | None = None,
-    plan_sha256: str | None = None,
-    baselines: list[str] | None = None,
-) -> list[BranchManifest]:
-    """Train plan branches (all, or only ``branch``) and/or a baseline, each from θ0.
-
-    One job (``branch`` or ``baseline``) runs here. All of them run through
-    ``runtime.launcher``: inline (here, one after another), local (subprocesses,
-    ``runtime.parallel`` at once) or ray. ``baselines`` (default ``training.baselines``) are
-    the baselines trained with all branches. With ``plan_sha256`` (what launchers pass) the
-    existing plan must have that hash; it is never recomputed.
-    """
-    plan = _pinned_plan(run, plan_sha256) if plan_sha256 else make_plan(run)
-    todo = jobs(run, plan, branch, baseline, baselines)
-    if branch is not None or baseline is not None or run.cfg.runtime.launcher == "inline":
-        out = []
-        for job in todo:
-            with run.timed("train branches" if job.kind == "branch" else f"train {job.label}"):
-                out.append(_train_one(run, plan, job))
-        return out
+def run_jobs(run: Context, plan: Plan, todo: list[Job], one: bool = False) -> list[BranchManifest]:
+    """Train ``todo`` from θ0, each idempotently: here, one after another, when ``one`` job was
+    asked for or ``runtime.launcher`` is inline; else as their own ``merit train`` processes
+    through the local launcher (``runtime.parallel`` at once) or Ray."""
+    if one or run.cfg.runtime.launcher == "inline" or len(todo) < 2:
+        return [_train_one(run, plan, job) for job in todo]
     return _launch(run, plan, todo)
 
 
-def _launch(run: Run, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
+def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
     """Every job as its own ``merit train`` process, through the local or Ray launcher."""
-    from merit.train import launchers as orch
-
     rt = run.cfg.runtime
     p_hash = plan_hash(run)
     _write_launch_config(run)
@@ -413,17 +396,93 @@ def _launch(run: Run, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
     return out
 
 
-def train_command(
-    run: Run, branch: int | None, baseline: str | None, plan_sha256: str | None
-) -> int:
-    """``merit train``: the requested jobs, one line each; exit 1 if a launched job failed."""
-    from merit.train.launchers import LaunchError
+@dataclass
+class Trained(Artifact):
+    """``branches/trained.json`` (or ``baselines/joint/trained.json``): the finished jobs, by
+    their manifests' sha256, and the tokens each saw."""
 
+    manifests: dict[str, str]  # job directory (relative to the run) -> manifest sha256
+    tokens_seen: dict[str, int] = field(default_factory=dict)
+
+    def intact(self, ctx: Context) -> bool:
+        root = ctx.paths.root
+        return all(
+            (f := RunPaths.manifest(root / rel)).is_file() and sha256_file(f) == digest
+            for rel, digest in self.manifests.items()
+        )
+
+
+def _trained(run: Context, todo: list[Job], done: list[BranchManifest]) -> Trained:
+    root = run.paths.root
+    return Trained(
+        manifests={
+            str(j.out.relative_to(root)): sha256_file(RunPaths.manifest(j.out)) for j in todo
+        },
+        tokens_seen={m.label: m.tokens_seen for m in done},
+    )
+
+
+def build_branches(ctx: Context, inputs: dict) -> Trained:
+    """Every branch of the plan from θ0 (paper §3.3)."""
+    todo = jobs(ctx, inputs["plan"], baselines=[])
+    return _trained(ctx, todo, run_jobs(ctx, inputs["plan"], todo))
+
+
+def build_joint(ctx: Context, inputs: dict) -> Trained:
+    """Joint training: one branch on every dataset, the same tokens (paper §4)."""
+    todo = jobs(ctx, inputs["plan"], baseline="joint")
+    return _trained(ctx, todo, run_jobs(ctx, inputs["plan"], todo))
+
+
+def train_command(ctx: Context, args) -> int:
+    """``merit train``: the requested jobs, one line each; exit 1 if a launched job failed."""
+    if args.print_commands:
+        plan = ctx.executor.get("plan")
+        print(branch_commands(ctx, plan, args.print_commands))
+        return 0
+    pinned = args.plan_sha256
+    plan = _pinned_plan(ctx, pinned) if pinned else ctx.executor.get("plan")
+    todo = jobs(ctx, plan, args.branch, args.baseline)
+    one = args.branch is not None or args.baseline is not None
     try:
-        done = train(run, branch=branch, baseline=baseline, plan_sha256=plan_sha256)
+        done = run_jobs(ctx, plan, todo, one)
     except LaunchError as err:
         print(f"merit: error: {err}", file=sys.stderr)
         return 1
+    if not one and not pinned:  # record what is trained, as the stages downstream read it
+        ctx.executor.get("train")
+        if "joint" in ctx.cfg.training.baselines:
+            ctx.executor.get("joint")
     for m in done:
         print(f"{m.label}: {m.steps} steps, {m.tokens} tokens, final loss {m.final_loss}")
     return 0
+
+
+STAGES.register(
+    Stage(
+        name="train",
+        help="train branches (all, or --branch k) and baselines from θ0",
+        reads=READS,
+        needs=("plan",),
+        artifact=Trained,
+        path=lambda p: p.trained,
+        build=build_branches,
+        what="trained branches",
+        intact=lambda ctx, t: t.intact(ctx),
+        order=40,
+    )
+)
+STAGES.register(
+    Stage(
+        name="joint",
+        help="train the joint baseline: one branch on every dataset, the same tokens",
+        reads=READS,
+        needs=("plan",),
+        artifact=Trained,
+        path=lambda p: p.joint_trained,
+        build=build_joint,
+        what="the joint baseline",
+        intact=lambda ctx, t: t.intact(ctx),
+        order=41,
+    )
+)

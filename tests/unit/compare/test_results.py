@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merit.compare.results import family_means, pool, summarise, table
+from merit.compare.results import claims, family_means, pool, summarise, table
 
 
 def _rec(nll: list[float], correct: list[int], tokens: int = 4) -> dict:
@@ -70,8 +70,6 @@ def _per(shift: float, n_tasks: int = 4, seed: int = 0) -> dict:
 
 
 def test_claims_follow_the_paired_intervals():
-    from merit.compare.results import claims
-
     stats = (300, 0.95, 0)
     # NLL falling along the paper's order, by clear margins: the ordering holds.
     per = {k: _per(-0.3 * i) for i, k in enumerate(["joint", "random", "merit-1d", "merit-2d"])}

@@ -13,7 +13,7 @@ import pytest
 from merit.config import DataConfig, SplitConfig
 from merit.data.formats import DataError
 from merit.data.mixture import dataset_sources, load_mixture, split_indices
-from merit.data.stage import data_table
+from merit.data.stage import DataRecord, data_table
 
 
 def _split_before_validation(n: int, name: str, cfg: SplitConfig, base: int = 0) -> dict:
@@ -192,12 +192,15 @@ def test_distinct_datasets_are_not_an_overlap(tmp_path, two_tasks, mixture_specs
     assert [u.name for u in mixture.unseen] == [last["name"]]
 
 
-def _record(validation: int) -> dict:
+def _record(validation: int) -> DataRecord:
     def row(name: str) -> dict:
         splits = {"train": 10, "calibration": 4, "eval": 4, "base": 0, "validation": validation}
         return {"name": name, "format": "jsonl", "splits": splits, "train_tokens": 123}
 
-    return {"datasets": [row("alpha"), row("beta")], "unseen": [{"name": "gamma"}]}
+    return DataRecord(
+        settings={}, base_fingerprint="", datasets=[row("alpha"), row("beta")],
+        unseen=[{"name": "gamma"}],
+    )  # fmt: skip
 
 
 def test_data_table_shows_validation_only_when_there_is_some():
@@ -212,7 +215,7 @@ def test_data_table_shows_validation_only_when_there_is_some():
     )
     # A record written before validation existed has no "validation" count at all.
     old = _record(0)
-    for r in old["datasets"]:
+    for r in old.datasets:
         del r["splits"]["validation"]
     assert data_table(old) == plain
     table = data_table(_record(2)).splitlines()

@@ -9,13 +9,8 @@ import torch
 
 from merit.config import DataConfig
 from merit.data.mixture import encode, encode_choices, load_mixture
-from merit.evaluate.scoring import (
-    answer_logprobs,
-    evaluate_model,
-    exact_match,
-    postprocess,
-    sequence_logprobs,
-)
+from merit.evaluate.metrics.exact_match import exact_match, postprocess
+from merit.evaluate.scoring import answer_logprobs, evaluate_model, sequence_logprobs
 from merit.evaluate.statistics import paired_bootstrap
 from merit.lm import load_model, load_tokenizer, pad_batch
 

@@ -1,0 +1,1 @@
+"""merit.calibrate: see docs/architecture.md."""

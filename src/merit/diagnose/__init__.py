@@ -1,0 +1,1 @@
+"""merit.diagnose: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""merit.evaluate: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""merit.merge: see docs/architecture.md."""

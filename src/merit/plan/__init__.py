@@ -1,0 +1,1 @@
+"""merit.plan: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""merit.report: see docs/architecture.md."""

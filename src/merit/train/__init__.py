@@ -1,0 +1,1 @@
+"""merit.train: see docs/architecture.md."""
