@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from merit.errors import ConfigError
-from merit.registry import registered
+from merit.registry import registered, registry
 
 
 class _Section(BaseModel):
@@ -199,10 +199,11 @@ class PlanningConfig(_Section):
     k: int | None = Field(
         None, ge=1, description="K groups, any number (splitters gain, random); null = 2^rank"
     )
-    splitter: Literal["median", "sign", "random", "gain", "auto"] = Field(
+    splitter: str = Field(
         "median",
-        description="median (paper), sign, random (balanced), gain (any-K partition maximising "
-        "the predicted merging gain), auto (the best candidate under `objective`)",
+        description="a registered splitter — median (paper), sign, random (balanced), gain (any-K "
+        "partition maximising the predicted merging gain), or a plugin's — or auto (the best "
+        "candidate under `objective`)",
     )
     objective: Literal["gain", "merged_loss"] = Field(
         "gain",
@@ -242,7 +243,11 @@ class PlanningConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> PlanningConfig:
         k = self.groups
-        if self.splitter in ("median", "sign") and k & (k - 1):
+        if self.splitter != "auto" and self.splitter not in registered("splitter"):
+            known = ", ".join((*registered("splitter"), "auto"))
+            raise ValueError(f"unknown splitter {self.splitter!r} (known: {known})")
+        fixed = self.splitter != "auto" and not registry("splitter").get(self.splitter).any_k
+        if fixed and k & (k - 1):
             raise ValueError(
                 f"splitter={self.splitter} makes K = 2^r groups, not K={k}; use gain or random"
             )

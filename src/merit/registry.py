@@ -85,10 +85,15 @@ HOMES = {
 }
 
 
-def registered(kind: str) -> tuple[str, ...]:
-    """The names registered for ``kind`` (a key of :data:`HOMES`)."""
+def registry(kind: str) -> Registry:
+    """The registry of ``kind`` (a key of :data:`HOMES`)."""
     module, attr = HOMES[kind]
-    return getattr(importlib.import_module(module), attr).names()
+    return getattr(importlib.import_module(module), attr)
+
+
+def registered(kind: str) -> tuple[str, ...]:
+    """The names registered for ``kind``."""
+    return registry(kind).names()
 
 
 def load_plugins(spec: str | None) -> None:

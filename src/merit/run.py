@@ -22,8 +22,9 @@ from merit.lm import apply_runtime
 
 __all__ = ["Run", "RunPaths", "StageError", "record_timing"]
 
-MANIFEST = "manifest.json"  # a finished branch or baseline: written last, atomically
-MERGE_MANIFEST = "merge_manifest.json"  # a merged model directory's proof
+# A finished branch or baseline's manifest (written last, atomically); a merge's proof. The merge
+# library, which sits below runs, spells the same names (merit.merge.manifest; a test checks).
+MANIFEST, MERGE_MANIFEST = "manifest.json", "merge_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class RunPaths:
     compare = property(lambda self: self.root / "compare")
     compare_results = property(lambda self: self.compare / "results.json")
     timings = property(lambda self: self.root / "timings.json")
+
+    def compare_run(self, unit: str) -> Path:
+        """The run directory of a compare unit whose experiment differs from the compare's."""
+        return self.compare / "runs" / unit
 
     def scores(self, key: str) -> Path:
         """One model's per-example scores."""

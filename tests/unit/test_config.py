@@ -213,3 +213,10 @@ def test_architecture_page_draws_the_declared_stage_graph():
     )
     page = (ROOT / "docs" / "architecture.md").read_text()
     assert f"```mermaid\n{mermaid(cfg)}\n```" in page
+
+
+def test_run_paths_name_the_files_the_merge_library_writes():
+    from merit.merge.manifest import BRANCH_MANIFEST_FILE, MANIFEST_FILE
+    from merit.run import MANIFEST, MERGE_MANIFEST
+
+    assert (MANIFEST, MERGE_MANIFEST) == (BRANCH_MANIFEST_FILE, MANIFEST_FILE)

@@ -18,6 +18,7 @@ from typing import Any
 
 from merit.config import EXPERIMENT, ConfigError, RunConfig, apply_overrides, config_from_dict
 from merit.registry import Registry
+from merit.run import RunPaths
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def unit_config(cfg: RunConfig, unit: Unit, root: Path) -> RunConfig:
     over += [f"training.baselines={_yaml(['joint'] if unit.model == 'joint' else [])}"]
     out = config_from_dict(apply_overrides(raw, over))
     if out.settings(*EXPERIMENT) != cfg.settings(*EXPERIMENT):
-        out.run_dir = str(root / "compare" / "runs" / unit.key)
+        out.run_dir = str(RunPaths(root).compare_run(unit.key))
     return out
 
 

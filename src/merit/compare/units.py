@@ -100,7 +100,7 @@ class Comparison:
 
     def __init__(self, run: Context):
         self.run = run
-        self.dir = run.paths.root / "compare"
+        self.dir = run.paths.compare
         self.selection: dict[str, dict] = {}
         self._validation: select.LMObjective | None = None
 
