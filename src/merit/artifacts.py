@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,22 +49,35 @@ def sha256_text(text: str) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks from a memory map: no copy into a read
-    buffer, which is measurably faster when the merge hashes several GB on parallel threads."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size:
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                view = memoryview(m)
-                try:
-                    for start in range(0, size, 1 << 22):
-                        block = view[start : start + (1 << 22)]
-                        h.update(block)
-                        block.release()
-                finally:
-                    view.release()
-    return h.hexdigest()
+    """sha256 of a file's bytes (see :func:`sha256_files`)."""
+    return sha256_files([Path(path)])[0][0]
+
+
+def sha256_files(paths: Sequence[Path]) -> tuple[list[str], str]:
+    """The sha256 of each file, and merit's fingerprint of them all (sha256 over each file's name
+    then bytes, in turn: θ0's fingerprint), reading each file once, in 4 MiB blocks from a memory
+    map: no copy into a read buffer, which is measurably faster when the merge hashes several GB
+    on parallel threads."""
+    combined = hashlib.sha256()
+    digests = []
+    for path in paths:
+        h = hashlib.sha256()
+        combined.update(Path(path).name.encode())
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    view = memoryview(m)
+                    try:
+                        for start in range(0, size, 1 << 22):
+                            block = view[start : start + (1 << 22)]
+                            h.update(block)
+                            combined.update(block)
+                            block.release()
+                    finally:
+                        view.release()
+        digests.append(h.hexdigest())
+    return digests, combined.hexdigest()
 
 
 @dataclass

@@ -7,7 +7,6 @@ directory that the same ``from_pretrained`` code loads; merit's own tiny θ0 is 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from merit.artifacts import read_json, write_json
+from merit.artifacts import read_json, sha256_files, write_json
 from merit.config import RunConfig, RuntimeConfig
 from merit.errors import StageError
 from merit.gguf import NAMED_MODELS, ModelSourceError, convert_gguf, is_gguf, named_model
@@ -230,21 +229,13 @@ def meta_model(model_dir: str | Path, trainable: tuple[str, ...] | None = None):
 
 
 def fingerprint(model_dir: str | Path) -> str:
-    """sha256 over θ0's config and weight files: branches and merges verify they share θ0.
-
-    Cached next to nothing: hashing a few GB takes seconds, and stages call it once.
-    """
+    """sha256 over θ0's weight files and config (:func:`merit.artifacts.sha256_files`): branches
+    and merges verify they share θ0."""
     model_dir = Path(model_dir)
     files = [*sorted(model_dir.glob(f"*{WEIGHT_SUFFIX}")), model_dir / "config.json"]
     if not files[:-1]:
         raise FileNotFoundError(f"{model_dir}: no safetensors weights")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(files)[1]
 
 
 # -- answer-token language-model loss -------------------------------------------------------------

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from merit.artifacts import sha256_file, write_json
+from merit.artifacts import sha256_file, sha256_files, write_json
 
 CONFIG_FILE = "config.json"
 
-_HASH_BLOCK = 4 * 1024**2
 # File times tick in jiffies, not nanoseconds: a file changed within this long of being hashed
 # could change again without its stat data changing, so its hash is not cached ("racy git").
 _RACY_NS = 2 * 10**9
@@ -116,26 +113,6 @@ def fingerprint_and_hashes(
 
 
 def _digests_and_fingerprint(paths: Sequence[Path]) -> list[str]:
-    """sha256 of each file, then merit's fingerprint over all of them: sha256 of name + bytes
-    for each file in turn, as :func:`merit.lm.fingerprint` defines it. Each file is read once
-    for both, from a memory map (no copy into a read buffer)."""
-    combined = hashlib.sha256()
-    digests = []
-    for path in paths:
-        digest = hashlib.sha256()
-        combined.update(path.name.encode())
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                    view = memoryview(m)
-                    try:
-                        for start in range(0, size, _HASH_BLOCK):
-                            block = view[start : start + _HASH_BLOCK]
-                            digest.update(block)
-                            combined.update(block)
-                            block.release()
-                    finally:
-                        view.release()
-        digests.append(digest.hexdigest())
-    return [*digests, combined.hexdigest()]
+    """sha256 of each file, then merit's fingerprint over all of them (one read of each)."""
+    digests, fp = sha256_files(paths)
+    return [*digests, fp]
