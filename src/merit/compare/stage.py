@@ -24,7 +24,7 @@ from merit.compare.results import (
 )
 from merit.compare.rows import Row, check_rows, rows
 from merit.compare.units import Comparison
-from merit.evaluate.stage import ModelScores
+from merit.evaluate.models import ModelScores
 from merit.graph import STAGES, Context, Stage
 
 COMPARE_VERSION = 1

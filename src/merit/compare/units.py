@@ -12,7 +12,7 @@ from merit.artifacts import read_json, sha256_file, write_json
 from merit.compare import select
 from merit.compare.rows import ROWS, Row, Unit, unit_config
 from merit.data.stage import READS as DATA_READS
-from merit.evaluate.stage import ModelScores, score_model
+from merit.evaluate.models import ModelScores, score_model
 from merit.graph import Context
 from merit.merge.safetensors_io import distances_from
 from merit.run import RunPaths

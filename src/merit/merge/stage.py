@@ -8,16 +8,16 @@ from pathlib import Path
 from merit.artifacts import read_json, sha256_file
 from merit.errors import StageError
 from merit.graph import STAGES, Context, Stage
+from merit.merge.derived import derived_model, frozen
 from merit.merge.hashing import cached_sha256
-from merit.merge.manifest import MANIFEST_FILE, MergeManifest
-from merit.merge.safetensors_io import distances_from, read_specs
+from merit.merge.manifest import MergeManifest
+from merit.merge.safetensors_io import distances_from
 from merit.merge.streaming import merge_checkpoints
 from merit.plan.stage import Plan, PlanGroup, plan_hash
 from merit.run import RunPaths
 from merit.train.lora import merge_adapters
 from merit.train.stage import READS as TRAIN_READS
 from merit.train.stage import BranchManifest
-from merit.vision import frozen_tensors
 
 READS = (*TRAIN_READS, "merging")
 
@@ -52,14 +52,6 @@ def _check_trainable(run: Context, plan: Plan) -> None:
 
 def _groups(groups: list[str] | None) -> str:
     return ", ".join(groups) if groups else "every parameter"
-
-
-def frozen(run: Context) -> frozenset[str]:
-    """θ0's tensor names (as stored) outside the trainable groups: copied from θ0 by merges."""
-    if run.base.trainable is None:
-        return frozenset()
-    specs, _problems = read_specs(run.base.dir)
-    return frozen_tensors(specs, run.base.trainable)
 
 
 def _branch_problems(run: Context, plan: Plan, g: PlanGroup) -> list[str]:
@@ -169,43 +161,6 @@ def build_shrink(run: Context, _inputs: dict) -> MergeManifest:
         run, run.paths.shrink, [joint], [1.0], meta,
         "the joint model, scaled by α (shrinkage control)", "task_vector", alpha,
     )  # fmt: skip
-
-
-def derived_model(
-    run: Context,
-    out: Path,
-    checkpoints: list[Path],
-    weights: list[float],
-    meta: dict,
-    weights_from: str,
-    method: str = "linear",
-    scale: float = 1.0,
-) -> MergeManifest:
-    """A model made from trained ones — a shrinkage control θ0 + Σ w_k(θ_k − θ0)
-    (``task_vector``), a soup Σ w_k θ_k (``linear``) — streamed into ``out``; reused while
-    ``meta`` (which records its inputs) is the same."""
-    mp = out / MANIFEST_FILE
-    if mp.is_file() and (old := MergeManifest.load(out)).metadata == meta:
-        return old
-    if out.exists():
-        shutil.rmtree(out)
-    with run.timed("merge"):
-        return merge_checkpoints(
-            run.base.dir,
-            checkpoints,
-            weights,
-            out,
-            method=method,
-            scale=scale,
-            dtype=run.cfg.merging.dtype,
-            max_shard_bytes=run.cfg.merging.max_shard_bytes,
-            metadata=meta,
-            weights_from=weights_from,
-            keep=frozen(run),
-            base_fingerprint=run.base.fingerprint,
-            hash_cache=run.cache / "sha256",
-            progress=run.progress,
-        )
 
 
 STAGES.register(

@@ -9,7 +9,7 @@ from merit.compare import select
 from merit.compare.rows import ROWS, Row, RowKind, Unit
 from merit.compare.units import Comparison, Made, inputs_of, job_sha, produce, score, unit_record
 from merit.config import RunConfig
-from merit.merge.stage import derived_model
+from merit.merge.derived import derived_model
 
 
 def _lr_units(cfg: RunConfig, seed: int) -> list[Unit]:
