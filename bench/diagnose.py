@@ -39,39 +39,38 @@ def _timed(cmd: list[str]) -> float:
 
 
 def _stage_reusing_artifacts(run_dir: Path, stage: str) -> None:
-    """One stage on a run whose upstream artifacts predate this checkout (see the docstring)."""
+    """One stage on a run whose upstream artifacts predate this checkout (see the docstring):
+    the executor is handed the saved artifacts as made, so only ``stage`` runs."""
     from merit.artifacts import read_json, write_json
     from merit.config import load_config
-    from merit.diagnose import stage as diagnose_stage
-    from merit.evaluate import stage as evaluate_stage
+    from merit.context import open_context
+    from merit.data.stage import DataRecord
     from merit.evaluate.scoring import EVAL_VERSION
+    from merit.evaluate.stage import EvaluationResults
+    from merit.merge.manifest import MergeManifest
     from merit.plan.stage import Plan
-    from merit.report import stage as report_stage
     from merit.run import Run
+    from merit.train.stage import Trained
 
     cfg = load_config(run_dir / "config.yaml", [f"run_dir={run_dir}", "runtime.progress=false"])
-    run = Run(cfg)
-    run.__dict__["base_dir"] = Path(read_json(run_dir / "base.json")["path"])
-    run.validate()  # loads the mixture, as Run.open does
-    plan = Plan.load(run.paths.plan)
+    ctx = open_context(Run(cfg))
+    ctx.base.__dict__["dir"] = Path(read_json(run_dir / "base.json")["path"])
+    ctx.validate()  # loads the mixture, as opening a run does
     for f in (run_dir / "eval").glob("*.json"):
         rec = read_json(f)
         if "datasets" in rec and "version" not in rec:
             write_json(f, {**rec, "version": EVAL_VERSION})
-    # Each stage module binds the upstream stage functions it calls: replace them there.
-    upstream = {
-        "make_plan": lambda run, **kw: plan,
-        "train": lambda run, **kw: [],
-        "merge": lambda run: read_json(run.paths.merged / "merge_manifest.json"),
+    made = {
+        "data": DataRecord.load(ctx.paths.data),
+        "plan": Plan.load(ctx.paths.plan),
+        "train": Trained({}),
+        "joint": Trained({}),
+        "merge": MergeManifest.load(ctx.paths.merged),
     }
-    for module in (diagnose_stage, evaluate_stage, report_stage):
-        for name, fake in upstream.items():
-            if hasattr(module, name):
-                setattr(module, name, fake)
-    if stage == "diagnose":
-        diagnose_stage.diagnose(run)
-    else:
-        report_stage.report(run)
+    if stage == "report":
+        made["evaluate"] = EvaluationResults.load(ctx.paths.results)
+    ctx.executor.made.update(made)
+    ctx.executor.get(stage)
 
 
 def _print_results(source: Path, run: Path, t_diag: float, t_rep: float, pipeline: float) -> None:

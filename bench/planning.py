@@ -35,6 +35,7 @@ import torch
 
 from merit.calibrate.sketch import split_parts
 from merit.config import config_from_dict
+from merit.context import open_context
 from merit.lm import pad_batch, token_nll_sum, trainable_parameters
 from merit.plan.curvature import measure
 from merit.plan.splitters import (
@@ -45,7 +46,6 @@ from merit.plan.splitters import (
     merged_loss,
     random_split,
 )
-from merit.plan.stage import make_plan
 from merit.run import Run
 
 BIGBENCH = Path(os.environ.get("MERIT_BIGBENCH", "/work/shared/data/bigbench"))
@@ -136,8 +136,8 @@ def main() -> None:
             "runtime": {"device": "cpu", "threads": args.threads, "progress": False},
         }
     )
-    run = Run(cfg).open()
-    plan = make_plan(run)
+    run = open_context(Run(cfg)).open()
+    plan = run.executor.get("plan").to_json()
     names = [d["name"] for d in plan["datasets"]]
     tokens = np.array([d["tokens"] for d in plan["datasets"]], dtype=np.float64)
     samples = np.array([d["samples"] for d in plan["datasets"]], dtype=np.float64)
@@ -149,8 +149,8 @@ def main() -> None:
     enc = run.encoded("calibration")
     cc = cfg.calibration
     parts = [split_parts(len(enc[n]), cc.microbatches, cc.seed, n) for n in names]
-    model = run.load_base()
-    pad = run.tokenizer.pad_token_id
+    model = run.base.load()
+    pad = run.base.tokenizer.pad_token_id
     print(f"measuring curvature for {len(cands)} candidates ...", flush=True)
     cur = measure(
         model,
