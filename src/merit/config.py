@@ -496,6 +496,10 @@ _HOW: dict[str, Any] = {"calibration": {"streaming"}, "training": {"baselines"}}
 
 
 def changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ; a section absent on one side (all defaults) is an
+    empty one, so the message names the setting, not its section."""
+    if (isinstance(a, dict) and b is None) or (isinstance(b, dict) and a is None):
+        a, b = a or {}, b or {}
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from merit.artifacts import Artifact, read_json, sha256_file, write_json
+from merit.artifacts import Artifact, sha256_file
 from merit.config import ConfigError, RunConfig, changed_keys
 from merit.errors import StageError
 from merit.lm import Base, Encoded, cache_dir
 from merit.registry import Registry
-from merit.run import Run, RunPaths
+from merit.run import Run, RunPaths, record_timing
 
 
 @dataclass(frozen=True)
@@ -187,9 +187,7 @@ class Executor:
     def _record_time(self, name: str, seconds: float) -> None:
         run = self.ctx.run
         run.timings[name] = run.timings.get(name, 0.0) + seconds
-        path = self.ctx.paths.timings
-        recorded = read_json(path) if path.is_file() else {}
-        write_json(path, {**recorded, name: run.timings[name]})
+        record_timing(run, name, run.timings[name])
 
 
 def _load(stage: Stage, path: Path) -> Artifact | None:

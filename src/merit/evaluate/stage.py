@@ -18,6 +18,7 @@ from merit.evaluate.statistics import (
 )
 from merit.graph import STAGES, Context, Stage
 from merit.plan.stage import Plan, plan_summary
+from merit.run import record_timing
 
 
 @dataclass
@@ -123,6 +124,7 @@ def run_command(ctx: Context) -> EvaluationResults:
     ctx.executor.get("data")
     ctx.say(plan_summary(ctx.executor.get("plan")))
     result = ctx.executor.get("evaluate")  # trains and merges first
+    record_timing(ctx.run, "total", time.perf_counter() - t0)
     ctx.run.timings["total"] = time.perf_counter() - t0
     print("\nHeld-out metrics, averaged over datasets:\n")
     print(result.table)
