@@ -46,7 +46,9 @@ def toy_stages():
 
 
 def _ctx(tmp_path, said: list[str], fingerprint: str = "f0", **raw) -> Context:
-    cfg = config_from_dict({"run_dir": str(tmp_path), "data": {"bigbench": str(tmp_path / "bb")}, **raw})
+    cfg = config_from_dict(
+        {"run_dir": str(tmp_path), "data": {"bigbench": str(tmp_path / "bb")}, **raw}
+    )
     run = Run(cfg)
     run.say = said.append
     base = SimpleNamespace(fingerprint=fingerprint, device="cpu")
