@@ -458,31 +458,18 @@ def train_command(ctx: Context, args) -> int:
     return 0
 
 
+def _training_stage(name: str, help_: str, path, build, what: str, order: int) -> Stage:
+    """A stage that trains jobs from the plan: the experiment is what it reads."""
+    intact = lambda ctx, t: t.intact(ctx)  # noqa: E731
+    return Stage(name, help_, READS, Trained, path, build, needs=("plan",), what=what,
+                 intact=intact, order=order)  # fmt: skip
+
+
 STAGES.register(
-    Stage(
-        name="train",
-        help="train branches (all, or --branch k) and baselines from θ0",
-        reads=READS,
-        needs=("plan",),
-        artifact=Trained,
-        path=lambda p: p.trained,
-        build=build_branches,
-        what="trained branches",
-        intact=lambda ctx, t: t.intact(ctx),
-        order=40,
-    )
-)
+    _training_stage("train", "train branches (all, or --branch k) and baselines from θ0",
+                    lambda p: p.trained, build_branches, "trained branches", 40)
+)  # fmt: skip
 STAGES.register(
-    Stage(
-        name="joint",
-        help="train the joint baseline: one branch on every dataset, the same tokens",
-        reads=READS,
-        needs=("plan",),
-        artifact=Trained,
-        path=lambda p: p.joint_trained,
-        build=build_joint,
-        what="the joint baseline",
-        intact=lambda ctx, t: t.intact(ctx),
-        order=41,
-    )
-)
+    _training_stage("joint", "train the joint baseline: one branch on every dataset, the same tokens",
+                    lambda p: p.joint_trained, build_joint, "the joint baseline", 41)
+)  # fmt: skip
