@@ -15,7 +15,9 @@ import pytest
 from conftest import write_run_config
 from merit.cli import main
 from merit.diagnose.verdicts import VERDICT_KEYS
+from merit.plan.artifact import Plan, PlanDataset, PlanGroup
 from merit.report.page import ReportData, build_report
+from merit.train.artifact import BranchManifest
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -185,28 +187,30 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
 
 def _fake_run(evaluation: dict, comparisons: dict) -> ReportData:
     names = ["arith__add", "arith__sub", "copy", "reverse"]
-    plan = {
-        "K": 2,
-        "rank": 1,
-        "method": "median",
-        "explained_variance": [0.7],
-        "cosine": np.eye(4).tolist(),
-        "datasets": [
-            {"name": n, "group": i % 2, "z": [float(i)], "calibration_loss": 1.0}
-            for i, n in enumerate(names)
-        ],
-        "groups": [
-            {"id": g, "datasets": names[g::2], "samples": 10, "tokens": 100, "weight": 0.5}
-            for g in (0, 1)
-        ],
-    }
+    plan = Plan(
+        settings={}, base_fingerprint="", sketches_sha256="", method="median", objective="gain",
+        rank=1, K=2, sketch={}, explained_variance=[0.7], scree=[0.7], stability=None,
+        candidates=[], hessian=None, warnings=[], changes=None, cosine=np.eye(4).tolist(),
+        datasets=[PlanDataset(n, i % 2, 10, 100, [float(i)], None, 1.0, 1.0, "")
+                  for i, n in enumerate(names)],
+        groups=[PlanGroup(g, names[g::2], 10, 100, 0.5) for g in (0, 1)],
+    )  # fmt: skip
+    branch = {
+        "group": None, "plan_sha256": "", "base_fingerprint": "", "training": "",
+        "examples": 10, "tokens_seen": 100, "tokens_scheduled": 100, "epochs": 1.0,
+        "answer_tokens": 50, "steps": 3, "lora": False, "resumed_from_step": None,
+        "final_loss": None, "loss_summary": {}, "losses": [], "seconds": None, "weights": {},
+    }  # fmt: skip
     return ReportData(
         title="fake",
         run_dir="runs/fake",
         config={"model": {"path": "demo"}},
         data=None,
         plan=plan,
-        branches=[{"datasets": names[g::2], "tokens": 100} for g in (0, 1)],
+        branches=[
+            BranchManifest(label=f"branch {g}", datasets=names[g::2], tokens=100, **branch)
+            for g in (0, 1)
+        ],
         evaluation=evaluation,
         comparisons=comparisons,
     )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from merit.artifacts import Artifact, atomic_path, sha256_file
+from merit.artifacts import atomic_path, sha256_file
+from merit.calibrate.artifact import CalibrationRecord
 from merit.calibrate.gram import extend_gram
 from merit.calibrate.sketch import (
     Calibration,
@@ -81,37 +81,17 @@ def _grams(sketches: dict, names: list[str], counts: list[int], old) -> dict:
     }
 
 
-@dataclass
-class CalibrationRecord(Artifact):
-    """``calibration/calibration.json``: what the sketches in ``sketches.safetensors`` are of."""
-
-    settings: dict
-    base_fingerprint: str
-    spec: dict
-    sketches_sha256: str
-    datasets: list[str]
-    computed: list[str]
-    sq_norms: list[float]
-    sq_norm_exact: list[bool]
-    losses: list[float]
-    answer_tokens: list[int]
-    part_tokens: list[list[int]]
-    data_ids: dict[str, str]
-    modes: list[str] = field(default_factory=list)  # per computed dataset: stream / accumulate
-    # The tensors (sketches, parts, gram, part_gram), loaded with the record.
-    tensors: dict = field(default_factory=dict, metadata={"json": False}, repr=False)
-
-    def current(self, ctx: Context) -> bool:
-        """Whether these sketches are of this θ0, sketch spec and calibration examples, and the
-        sketches file is the one recorded."""
-        return (
-            self.spec == sketch_spec(ctx)
-            and self.base_fingerprint == ctx.base.fingerprint
-            and self.datasets == ctx.mixture.names
-            and self.data_ids == _calibration_ids(ctx)
-            and ctx.paths.sketches.is_file()
-            and self.sketches_sha256 == sha256_file(ctx.paths.sketches)
-        )
+def current(ctx: Context, rec: CalibrationRecord) -> bool:
+    """Whether these sketches are of this θ0, sketch spec and calibration examples, and the
+    sketches file is the one recorded."""
+    return (
+        rec.spec == sketch_spec(ctx)
+        and rec.base_fingerprint == ctx.base.fingerprint
+        and rec.datasets == ctx.mixture.names
+        and rec.data_ids == _calibration_ids(ctx)
+        and ctx.paths.sketches.is_file()
+        and rec.sketches_sha256 == sha256_file(ctx.paths.sketches)
+    )
 
 
 def sketch_tensors(ctx: Context, rec: CalibrationRecord) -> dict:
@@ -232,7 +212,7 @@ STAGE = STAGES.register(
         path=lambda p: p.calibration,
         build=build,
         what="calibration sketches",
-        intact=lambda ctx, rec: rec.current(ctx),
+        intact=current,
         show=lambda ctx, rec: f"calibrated {len(rec.datasets)} datasets -> {ctx.paths.sketches}",
         order=20,
     )

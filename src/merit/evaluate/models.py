@@ -75,3 +75,14 @@ def _scores(run, model, mixture: Mixture, label: str) -> dict:
         model, run.base.processor, mixture, run.cfg.model.max_length, ec.max_examples,
         ec.max_generate, ec.max_new_tokens, ec.batch_size, run.progress, label,
     )  # fmt: skip
+
+
+@dataclass
+class EvaluationResults(Artifact):
+    """``eval/results.json``: every model's scores with intervals, and the paired comparisons
+    of the merge (key ``merged``) with every other model."""
+
+    models: dict[str, dict]  # key -> ModelScores JSON plus its "summary" (and "unseen_summary")
+    comparisons: dict
+    table: str = ""
+    unseen_comparisons: dict = field(default_factory=dict)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from merit.artifacts import Artifact
 from merit.config import RunConfig
-from merit.evaluate.models import READS, ModelScores, score_model
+from merit.evaluate.models import READS, EvaluationResults, ModelScores, score_model
 from merit.evaluate.statistics import (
     compare_models,
     comparison_table,
@@ -19,17 +17,6 @@ from merit.evaluate.statistics import (
 from merit.graph import STAGES, Context, Stage
 from merit.plan.stage import Plan, plan_summary
 from merit.run import record_timing
-
-
-@dataclass
-class EvaluationResults(Artifact):
-    """``eval/results.json``: every model's scores with intervals, and the paired comparisons
-    of the merge (key ``merged``) with every other model."""
-
-    models: dict[str, dict]  # key -> ModelScores JSON plus its "summary" (and "unseen_summary")
-    comparisons: dict
-    table: str = ""
-    unseen_comparisons: dict = field(default_factory=dict)
 
 
 def model_dirs(run: Context, inputs: dict) -> dict[str, tuple[str, Path]]:

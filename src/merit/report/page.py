@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merit.compare.results import table_cells
+from merit.data.artifact import DataRecord
 from merit.diagnose.artifact import Diagnostics
 from merit.diagnose.figures import diagnostic_figures
 from merit.evaluate.metrics import Metric, headline, present
+from merit.merge.manifest import MergeManifest
+from merit.plan.artifact import Plan, PlanGroup
 from merit.report.document import Document, write_documents
 from merit.report.figures import loss_curve_figure, mixture_figure, plan_figures
 from merit.report.tables import (
@@ -30,6 +33,7 @@ from merit.report.tables import (
     model_label,
     model_order,
 )
+from merit.train.artifact import BranchManifest
 
 NAV = (
     ("summary", "Summary"),
@@ -52,11 +56,11 @@ class ReportData:
     title: str
     run_dir: str
     config: dict
-    data: dict | None
-    plan: dict
-    branches: list[dict]
-    joint: dict | None = None
-    merge: dict | None = None
+    data: DataRecord | None
+    plan: Plan
+    branches: list[BranchManifest]
+    joint: BranchManifest | None = None
+    merge: MergeManifest | None = None
     evaluation: dict[str, dict] = field(default_factory=dict)
     comparisons: dict[str, dict] = field(default_factory=dict)
     diagnostics: Diagnostics | None = None
@@ -76,8 +80,8 @@ def page_metrics(items: Iterable[Mapping | None]) -> list[Metric]:
 def _kpis(rd: ReportData) -> list[tuple[str, str]]:
     plan, ev = rd.plan, rd.evaluation
     kpis = [
-        (str(len(plan["datasets"])), "datasets"),
-        (f"K = {plan['K']}", f"branches from r = {plan['rank']} axes"),
+        (str(len(plan.datasets)), "datasets"),
+        (f"K = {plan.K}", f"branches from r = {plan.rank} axes"),
     ]
     if "merged" in ev and "joint" in ev:
         merged, joint = ev["merged"]["summary"], ev["joint"]["summary"]
@@ -120,7 +124,7 @@ def mixture_section(doc: Document, rd: ReportData) -> None:
     with doc.section("mixture", "The mixture"):
         if not rd.data:
             return
-        rows = rd.data["datasets"]
+        rows = rd.data.datasets
         formats: dict[str, int] = {}
         for r in rows:
             formats[r["format"]] = formats.get(r["format"], 0) + 1
@@ -132,28 +136,29 @@ def mixture_section(doc: Document, rd: ReportData) -> None:
             f"{tot['train']} train, {tot['calibration']} calibration and {tot['eval']} held-out "
             f"examples; {tokens:,} train tokens."
         )
-        doc.fig("mixture", mixture_figure(rd.data, rd.plan), "Train tokens per dataset family")
+        figure = mixture_figure(rd.data.to_json(), rd.plan.to_json())
+        doc.fig("mixture", figure, "Train tokens per dataset family")
 
 
-def _group_row(g: dict) -> list:
+def _group_row(g: PlanGroup) -> list:
     fams: dict[str, int] = {}
-    for n in g["datasets"]:
+    for n in g.datasets:
         fams[family(n)] = fams.get(family(n), 0) + 1
     top = ", ".join(f"{f} ({c})" for f, c in sorted(fams.items(), key=lambda x: -x[1])[:3])
     return [
-        f"group {g['id']}",
-        len(g["datasets"]),
-        f"{g['samples']:,}",
-        f"{g['tokens']:,}",
-        f"{g['weight']:.3f}",
+        f"group {g.id}",
+        len(g.datasets),
+        f"{g.samples:,}",
+        f"{g.tokens:,}",
+        f"{g.weight:.3f}",
         top + (" …" if len(fams) > 3 else ""),
     ]
 
 
-def plan_section(doc: Document, plan: dict) -> None:
+def plan_section(doc: Document, plan: Plan) -> None:
     with doc.section("plan", "The plan"):
-        evs = ", ".join(f"{x:.1%}" for x in plan.get("explained_variance", []))
-        method = plan.get("method", "median")
+        evs = ", ".join(f"{x:.1%}" for x in plan.explained_variance)
+        method = plan.method
         how = (
             "recursive sample-balanced median splits"
             if method == "median"
@@ -161,14 +166,14 @@ def plan_section(doc: Document, plan: dict) -> None:
         )
         doc.p(
             f"Representative gradients at θ0 → cosine matrix → PCA to r = "
-            f"{plan.get('rank', '?')} conflict axes (explained variance {evs}) → {how} → "
-            f"K = {plan['K']} groups. Merge weights w_k = N_k / Σ N_j (train tokens)."
+            f"{plan.rank} conflict axes (explained variance {evs}) → {how} → "
+            f"K = {plan.K} groups. Merge weights w_k = N_k / Σ N_j (train tokens)."
         )
-        for w in plan.get("warnings") or []:
+        for w in plan.warnings:
             doc.p(f"Plan warning: {w}")
         head = ["group", "datasets", "samples", "tokens", "w_k", "largest families"]
-        doc.table(head, [_group_row(g) for g in plan["groups"]])
-        figs = plan_figures(plan)
+        doc.table(head, [_group_row(g) for g in plan.groups])
+        figs = plan_figures(plan.to_json())
         doc.raw_html('<div class="grid">')
         doc.fig(
             "conflict", figs["conflict"], "Cosine matrix of dataset gradients, ordered by group"
@@ -177,34 +182,36 @@ def plan_section(doc: Document, plan: dict) -> None:
         doc.raw_html("</div>")
 
 
-def _run_row(name: str, m: dict) -> list:
+def _run_row(name: str, m: BranchManifest) -> list:
     return [
         name,
-        len(m.get("datasets", [])),
-        f"{m.get('tokens', 0):,}",
-        m.get("steps", "?"),
-        f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "–",
-        f"{m['seconds']:.0f}" if m.get("seconds") is not None else "–",
+        len(m.datasets),
+        f"{m.tokens:,}",
+        m.steps,
+        f"{m.final_loss:.4f}" if m.final_loss is not None else "–",
+        f"{m.seconds:.0f}" if m.seconds is not None else "–",
     ]
 
 
 def branches_section(doc: Document, rd: ReportData) -> None:
     with doc.section("branches", "Branches"):
-        rows = [_run_row(m.get("label", f"branch {i}"), m) for i, m in enumerate(rd.branches)]
+        rows = [_run_row(m.label or f"branch {i}", m) for i, m in enumerate(rd.branches)]
         if rd.joint:
             rows.append(_run_row("joint (baseline)", rd.joint))
         doc.table(["run", "datasets", "tokens", "steps", "final loss", "seconds"], rows)
-        doc.fig("losses", loss_curve_figure(rd.branches, rd.joint), "Training loss of each branch")
+        joint = rd.joint.to_json() if rd.joint else None
+        curves = loss_curve_figure([m.to_json() for m in rd.branches], joint)
+        doc.fig("losses", curves, "Training loss of each branch")
 
 
 def merge_section(doc: Document, rd: ReportData) -> None:
     with doc.section("merge", "The merge"):
         if rd.merge:
             m = rd.merge
-            w = m.get("weights", [])
+            w = m.weights
             doc.p(
-                f"θ̄ = Σ_k w_k θ_k over {len(w)} branches ({m.get('num_tensors', '?')} tensors, "
-                f"{m.get('total_bytes', 0) / 2**20:.1f} MiB, dtype {m.get('dtype') or 'θ0'}), "
+                f"θ̄ = Σ_k w_k θ_k over {len(w)} branches ({m.num_tensors} tensors, "
+                f"{m.total_bytes / 2**20:.1f} MiB, dtype {m.dtype or 'θ0'}), "
                 "weights " + ", ".join(f"{x:.3f}" for x in w) + "."
             )
         dist = rd.diagnostics.distances if rd.diagnostics else None

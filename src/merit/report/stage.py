@@ -9,7 +9,7 @@ from merit.config import RunConfig
 from merit.evaluate.stage import needs_branches
 from merit.graph import STAGES, Context, Stage
 from merit.report.page import ReportData, build_report
-from merit.train.stage import BranchManifest
+from merit.train.artifact import BranchManifest
 
 
 @dataclass
@@ -26,9 +26,8 @@ def needs(cfg: RunConfig) -> tuple[str, ...]:
     return ("data", "plan", "evaluate", *merged)
 
 
-def _manifest(ctx: Context, job_dir) -> dict | None:
-    path = ctx.paths.manifest(job_dir)
-    return BranchManifest.load(path).to_json() if path.is_file() else None
+def _manifest(ctx: Context, job_dir) -> BranchManifest | None:
+    return BranchManifest.load_if(ctx.paths.manifest(job_dir))
 
 
 def build(ctx: Context, inputs: dict) -> Report:
@@ -44,11 +43,11 @@ def build(ctx: Context, inputs: dict) -> Report:
         title=f"merit report: {ctx.paths.root.resolve().name}",
         run_dir=str(ctx.paths.root),
         config=ctx.cfg.model_dump(mode="json"),
-        data=inputs["data"].to_json(),
-        plan=plan.to_json(),
+        data=inputs["data"],
+        plan=plan,
         branches=[_manifest(ctx, ctx.paths.branch(g.id)) for g in plan.groups] if merge else [],
         joint=_manifest(ctx, ctx.paths.baseline("joint")),
-        merge=merge.to_json() if merge else None,
+        merge=merge,
         evaluation=result.models,
         comparisons=result.comparisons,
         diagnostics=inputs.get("diagnose"),

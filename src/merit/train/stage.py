@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from merit.artifacts import Artifact, atomic_path, read_json, sha256_file
+from merit.artifacts import atomic_path, read_json, sha256_file
 from merit.calibrate.sketch import parameter_layout
 from merit.config import EXPERIMENT, save_config
 from merit.errors import StageError
@@ -29,47 +29,11 @@ from merit.plan.stage import READS as PLAN_READS
 from merit.plan.stage import Plan, plan_hash
 from merit.run import RunPaths
 from merit.train import launchers as orch
+from merit.train.artifact import BranchManifest, Trained
 from merit.train.launchers import LaunchError
 from merit.train.sft import train_sft
 
 READS = EXPERIMENT
-
-
-@dataclass
-class BranchManifest(Artifact):
-    """``manifest.json`` of a finished branch or baseline: written last, atomically."""
-
-    label: str
-    group: int | None
-    plan_sha256: str
-    base_fingerprint: str
-    training: str  # settings hash of the training stage
-    datasets: list[str]
-    examples: int
-    tokens: int
-    tokens_seen: int
-    tokens_scheduled: int
-    epochs: float
-    answer_tokens: int
-    steps: int
-    lora: bool
-    resumed_from_step: int | None
-    final_loss: float | None
-    loss_summary: dict
-    losses: list
-    seconds: float
-    weights: dict[str, str]  # path relative to the job directory -> sha256
-    # What trained: the parameter groups (null: all of θ0) and the sha256 of the trainable
-    # parameters' names and shapes, which must be the plan's calibration layout.
-    trainable: list[str] | None = None
-    layout: str = ""
-
-    def matches(self, p_hash: str, base_fp: str, training: str) -> bool:
-        return (self.plan_sha256, self.base_fingerprint, self.training) == (
-            p_hash,
-            base_fp,
-            training,
-        )
 
 
 @dataclass
@@ -396,22 +360,6 @@ def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
     return out
 
 
-@dataclass
-class Trained(Artifact):
-    """``branches/trained.json`` (or ``baselines/joint/trained.json``): the finished jobs, by
-    their manifests' sha256, and the tokens each saw."""
-
-    manifests: dict[str, str]  # job directory (relative to the run) -> manifest sha256
-    tokens_seen: dict[str, int] = field(default_factory=dict)
-
-    def intact(self, ctx: Context) -> bool:
-        root = ctx.paths.root
-        return all(
-            (f := RunPaths.manifest(root / rel)).is_file() and sha256_file(f) == digest
-            for rel, digest in self.manifests.items()
-        )
-
-
 def _trained(run: Context, todo: list[Job], done: list[BranchManifest]) -> Trained:
     root = run.paths.root
     return Trained(
@@ -460,7 +408,7 @@ def train_command(ctx: Context, args) -> int:
 
 def _training_stage(name: str, help_: str, path, build, what: str, order: int) -> Stage:
     """A stage that trains jobs from the plan: the experiment is what it reads."""
-    intact = lambda ctx, t: t.intact(ctx)  # noqa: E731
+    intact = lambda ctx, t: t.intact(ctx.paths)  # noqa: E731
     return Stage(name, help_, READS, Trained, path, build, needs=("plan",), what=what,
                  intact=intact, order=order)  # fmt: skip
 
