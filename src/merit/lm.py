@@ -58,18 +58,26 @@ class DeviceError(ValueError):
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
-    if runtime.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device this process computes on. Under a launcher of several processes per node
+    (``torchrun``, ``accelerate launch``: ``LOCAL_RANK`` set) a CUDA device without an index is
+    this process's own GPU, so N ranks never load N copies of θ0 onto GPU 0."""
+    name = runtime.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(runtime.device)
+        device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"runtime.device={runtime.device}: not a device name") from None
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local is not None:
+        device = torch.device("cuda", int(local))
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= max(count, 1) or count == 0:
+            where = f" (LOCAL_RANK={local})" if local is not None else ""
             raise DeviceError(
-                f"runtime.device={runtime.device}: this machine has {count} CUDA device(s); "
-                "use runtime.device=auto or cpu"
+                f"runtime.device={runtime.device}{where}: this machine has {count} CUDA "
+                "device(s); use runtime.device=auto or cpu"
             )
     return device
 
