@@ -81,3 +81,10 @@ def test_bigbench_fetch_offline(tmp_path, tiny_base):
     res = _cli("data", str(cfg), "data.bigbench=auto", cwd=tmp_path, **env)
     _one_line(res, "cannot fetch bigbench", "MERIT_BIGBENCH")
     assert not (tmp_path / "run").exists()
+
+
+def test_unknown_training_extra_key_writes_nothing(tmp_path, mixture_specs, tiny_base):
+    cfg = _config(tmp_path, mixture_specs, tiny_base)
+    res = _cli("plan", str(cfg), "training.extra={bogus: 1}")
+    _one_line(res, "training.extra.bogus: not a field of trl's SFTConfig")
+    assert not (tmp_path / "run").exists()

@@ -220,3 +220,53 @@ def test_run_paths_name_the_files_the_merge_library_writes():
     from merit.run import MANIFEST, MERGE_MANIFEST
 
     assert (MANIFEST, MERGE_MANIFEST) == (BRANCH_MANIFEST_FILE, MANIFEST_FILE)
+
+
+# -- training.extra: any other SFTConfig field, validated when the config loads -----------------
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("{bogus: 1}", "training.extra.bogus: not a field of trl's SFTConfig"),
+        (
+            "{learning_rate: 0.1}",
+            "training.extra.learning_rate: set training.learning_rate instead",
+        ),
+        ("{report_to: [wandb]}", "training.extra.report_to: set runtime.report_to instead"),
+        ("{max_steps: 10}", "training.extra.max_steps: set training.epochs instead"),
+    ],
+)
+def test_training_extra_refuses_unknown_and_merit_owned_keys(tmp_path, extra, message):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(p, [f"training.extra={extra}"])
+    assert str(err.value) == message
+
+
+def test_training_extra_counts_in_the_experiment_unless_logging_or_loading(tmp_path):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    optim = load_config(p, ["training.extra={optim_args: 'scale_parameter=False'}"])
+    beta = load_config(p, ["training.extra={adam_beta2: 0.95}"])
+    logging = load_config(p, ["training.extra={logging_steps: 7, dataloader_num_workers: 2}"])
+    assert len({a.experiment_hash(), optim.experiment_hash(), beta.experiment_hash()}) == 3
+    assert logging.experiment_hash() == a.experiment_hash()
+    assert experiment_changes(a, logging) == []
+    assert experiment_changes(a, beta) == ["training.extra.adam_beta2 (None -> 0.95)"]
+    # Unknown to both lists but a field of SFTConfig: part of the experiment (the safe default).
+    assert load_config(p, ["training.extra={neftune_noise_alpha: 5}"]).experiment_hash() != (
+        a.experiment_hash()
+    )
+
+
+def test_training_optim_and_report_to(tmp_path):
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    assert load_config(p, ["training.optim=adamw_torch_fused"]).experiment_hash() == (
+        a.experiment_hash()
+    )  # today's optimizer, spelt out: nothing changes
+    assert load_config(p, ["training.optim=adafactor"]).experiment_hash() != a.experiment_hash()
+    assert load_config(p, ["runtime.report_to=[tensorboard]"]).experiment_hash() == (
+        a.experiment_hash()
+    )
+    with pytest.raises(ConfigError, match=r"training.optim: .*unknown optimizer 'adamw_fast'"):
+        load_config(p, ["training.optim=adamw_fast"])

@@ -140,20 +140,38 @@ def sft_config(
     checkpoint_steps: int | None = None,
     keep_checkpoints: int = 2,
     vision: bool = False,
+    report_to: Sequence[str] = (),
 ):
     """The ``SFTConfig`` shared by every branch: one schedule for all (paper §3.3).
 
     ``n_examples`` is the length of the fixed order (:func:`schedule`), read once, sequentially.
     With ``vision`` nothing is cut (cutting into an image's tokens breaks the model's input).
+    ``cfg.extra`` (validated with the config: no field merit sets itself) is passed through.
     """
     from trl import SFTConfig
 
+    args = _sft_settings(cfg, device, model_dtype, max_length, n_examples, progress, vision)
+    args.update(_checkpointing(checkpoint_steps, keep_checkpoints))
+    args.update(cfg.extra)  # never a field merit sets: the config refuses those
+    return SFTConfig(output_dir=str(out_dir), report_to=list(report_to), **args)
+
+
+def _sft_settings(
+    cfg: TrainingConfig,
+    device: torch.device,
+    model_dtype: torch.dtype,
+    max_length: int,
+    n_examples: int,
+    progress: bool,
+    vision: bool,
+) -> dict:
+    """The ``SFTConfig`` fields merit sets (``merit.config.SFT_OWNED``) and the defaults it picks
+    that ``training.extra`` may change (``merit.config.SFT_DEFAULTS``)."""
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     steps = max(1, math.ceil(n_examples / per_step))
     on_gpu = device.type == "cuda"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return SFTConfig(
-        output_dir=str(out_dir),
+    return dict(
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
@@ -163,6 +181,7 @@ def sft_config(
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
         seed=cfg.seed,
         data_seed=cfg.seed,
         # TRL turns bf16 and gradient checkpointing on by default; on CPU that is ~6x slower.
@@ -177,14 +196,12 @@ def sft_config(
         # Under accelerate (DDP/FSDP) each batch of `batch_size` is split across the processes,
         # so a branch has the same optimizer steps and schedule on 1 GPU or 8.
         accelerator_config={"split_batches": True} if distributed else None,
-        logging_steps=max(1, steps // 40),
-        **_checkpointing(checkpoint_steps, keep_checkpoints),
-        report_to=[],
         disable_tqdm=not progress,
         # A vision-language batch without images leaves the projector without gradients.
         ddp_find_unused_parameters=(None if vision else False) if distributed else None,
-        dataloader_num_workers=0,
         remove_unused_columns=True,
+        logging_steps=max(1, steps // 40),
+        dataloader_num_workers=0,
     )
 
 
@@ -218,39 +235,39 @@ def train_sft(
     label: str = "branch",
     log: Callable[[str], None] | None = None,
     examples: Sequence[Example] | None = None,
+    report_to: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``model`` on ``records`` and save it (safetensors) to ``out_dir/model``.
 
     For a vision-language model ``tokenizer`` is its processor and ``examples`` (aligned with
     ``records``, which fix the order and the token count) are what TRL's vision collator reads.
 
-    Weights are saved in ``save_dtype`` (θ0's dtype), so every branch has θ0's tensor layout.
-    With ``cfg.lora`` the model is wrapped in PEFT LoRA adapters; the adapter is saved to
-    ``out_dir/adapter`` and ``out_dir/model`` holds θ0 + s·B·A (see :mod:`merit.train.lora`).
+    Weights are saved in ``save_dtype`` (θ0's layout); with ``cfg.lora`` PEFT LoRA adapters
+    train, saved to ``out_dir/adapter``, and ``out_dir/model`` holds θ0 + s·B·A (merit.train.lora).
 
     With ``checkpoint_steps``, sealed checkpoints go to ``out_dir/trainer`` and a call resumes
     from the newest valid one whose ``run_key`` matches (newer incomplete ones are deleted);
     SIGTERM / SIGUSR1 save a checkpoint at the end of the current step and raise
-    :class:`Preempted`.
+    :class:`Preempted`. ``report_to``: the Trainer's metric integrations (``runtime.report_to``).
     """
     out_dir = Path(out_dir)
     say = log or (lambda _msg: None)
     p0 = next(model.parameters())  # θ0's device and dtype
-    device, dtype = p0.device, p0.dtype
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     order = schedule([len(r.input_ids) for r in records], per_step, cfg.epochs, cfg.seed, max_steps)
     trainer_dir = out_dir / "trainer"
     args = sft_config(
         cfg,
         trainer_dir,
-        device,
-        dtype,
+        p0.device,
+        p0.dtype,
         max_length,
         len(order),
         progress,
         checkpoint_steps=checkpoint_steps,
         keep_checkpoints=keep_checkpoints,
         vision=examples is not None,
+        report_to=report_to,
     )
     resume, tokens_start, dropped = (
         resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
@@ -258,7 +275,7 @@ def train_sft(
     hooks = (run_key, tokens_start, out_dir / PROGRESS_FILE if checkpoint_steps else None, label)
     data = (records, order, examples)
     trainer, callback = _fit(model, tokenizer, cfg, args, data, hooks, resume, trainer_dir)
-    _save_final(trainer, tokenizer, out_dir, dtype, save_dtype, lora=cfg.lora is not None)
+    _save_final(trainer, tokenizer, out_dir, p0.dtype, save_dtype, lora=cfg.lora is not None)
     callback._progress(trainer.state, "trained", force=True)
     return _result(trainer.state, records, order, callback.tokens_seen, resume, dropped)
 

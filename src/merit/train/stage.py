@@ -191,6 +191,7 @@ def _fit(run: Context, job: Job, p_hash: str):
         save_dtype=_save_dtype(run, model),
         checkpoint_steps=rt.checkpoint_steps,
         keep_checkpoints=rt.keep_checkpoints,
+        report_to=rt.report_to,
         run_key=hashlib.sha256(json.dumps(key).encode()).hexdigest(),
         label=job.label,
         log=run.say,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merit.config import SFT_DEFAULTS, SFT_OWNED, config_from_dict
 from merit.train.launchers import EXIT_PREEMPTED, Job, LaunchError, run_local, slurm_script
 from merit.train.lora import (
     adapter_deltas,
@@ -24,11 +25,14 @@ from merit.train.lora import (
 )
 from merit.train.sft import (
     CHECKPOINT_MARKER,
+    _checkpointing,
+    _sft_settings,
     checkpoint_problem,
     newest_valid_checkpoint,
     preemption_signals,
     schedule,
     seal_checkpoint,
+    sft_config,
 )
 
 
@@ -230,3 +234,44 @@ def test_slurm_script_requeues_on_exit_75(tmp_path):
     proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends the batch shell
     assert proc.wait(timeout=20) == EXIT_PREEMPTED
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
+
+
+# -- the SFTConfig: merit's settings, training.extra passed through ----------------------------
+def _sft(tmp_path, raw_training=None, **kwargs):
+    cfg = config_from_dict({"data": {"bigbench": "/x"}, "training": raw_training or {}})
+    args = sft_config(
+        cfg.training, tmp_path, torch.device("cpu"), torch.float32, 64, 100, False, **kwargs
+    )
+    return cfg, args
+
+
+def test_training_extra_reaches_sft_config(tmp_path):
+    base, default = _sft(tmp_path)
+    assert (
+        default.report_to == []
+        and default.logging_steps == 1
+        and default.optim == "adamw_torch_fused"
+    )
+    cfg, args = _sft(
+        tmp_path, {"extra": {"optim_args": "scale_parameter=False", "adam_beta2": 0.9}}
+    )
+    assert args.optim_args == "scale_parameter=False" and args.adam_beta2 == 0.9
+    assert cfg.experiment_hash() != base.experiment_hash()
+    cfg, args = _sft(tmp_path, {"optim": "adafactor"})
+    assert args.optim == "adafactor" and cfg.experiment_hash() != base.experiment_hash()
+    cfg, args = _sft(tmp_path, {"extra": {"logging_steps": 7}})
+    assert args.logging_steps == 7 and cfg.experiment_hash() == base.experiment_hash()
+    _, args = _sft(tmp_path, report_to=["tensorboard"])
+    assert args.report_to == ["tensorboard"]
+
+
+def test_merit_refuses_in_extra_every_field_it_sets(tmp_path):
+    """The config's list of merit-owned fields is what ``sft_config`` sets, so no user key can
+    silently replace one of merit's (the schedule, checkpoints, data order)."""
+    cfg, _ = _sft(tmp_path)
+    sets = set(
+        _sft_settings(cfg.training, torch.device("cpu"), torch.float32, 64, 100, False, False)
+    )
+    sets |= set(_checkpointing(10, 2)) | {"output_dir", "report_to"}
+    assert sets - set(SFT_DEFAULTS) <= set(SFT_OWNED)
+    assert not set(SFT_DEFAULTS) & set(SFT_OWNED)
