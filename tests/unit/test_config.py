@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from merit.config import (
@@ -270,3 +271,18 @@ def test_training_optim_and_report_to(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"training.optim: .*unknown optimizer 'adamw_fast'"):
         load_config(p, ["training.optim=adamw_fast"])
+
+
+def test_extra_optim_is_the_trainers_spelling_of_training_optim(tmp_path):
+    """`training.extra={optim: adafactor}` reaches the Trainer and is part of the experiment."""
+    from merit.train.sft import sft_config
+
+    p = _write(tmp_path, {"data": {"bigbench": "/x"}})
+    a = load_config(p)
+    ada = load_config(p, ["training.extra={optim: adafactor}"])
+    assert ada.experiment_hash() != a.experiment_hash()
+    assert experiment_changes(a, ada) == ["training.extra.optim (None -> 'adafactor')"]
+    args = sft_config(ada.training, tmp_path, torch.device("cpu"), torch.float32, 64, 8, False)
+    assert args.optim == "adafactor"
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(p, ["training.extra={optim: adafactor}", "training.optim=sgd"])

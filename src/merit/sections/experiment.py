@@ -318,6 +318,13 @@ class TrainingConfig(_Section):
             )  # fmt: skip
         return extra
 
+    @model_validator(mode="after")
+    def _one_optimizer(self) -> TrainingConfig:
+        # `training.extra.optim` is the Trainer's own spelling of `training.optim`: either, not both.
+        if "optim" in self.extra and self.optim != "adamw_torch_fused":
+            raise ValueError("training.extra.optim and training.optim both set: keep one")
+        return self
+
 
 # The SFTConfig fields merit's `sft_config` sets itself, refused in `training.extra`: each with
 # the setting to use instead (the schedule, checkpoints and data order are merit's to fix).
@@ -335,7 +342,6 @@ SFT_OWNED: dict[str, str] = {
     "max_grad_norm": "set training.max_grad_norm instead",
     "seed": "set training.seed instead",
     "data_seed": "set training.seed instead",
-    "optim": "set training.optim instead",
     "bf16": "set model.dtype instead",
     "fp16": "set model.dtype instead",
     "use_cpu": "set runtime.device instead",
@@ -355,7 +361,7 @@ SFT_OWNED: dict[str, str] = {
     ),
 }  # fmt: skip
 # SFTConfig fields `sft_config` sets as defaults that `training.extra` may change.
-SFT_DEFAULTS = ("logging_steps", "dataloader_num_workers")
+SFT_DEFAULTS = ("logging_steps", "dataloader_num_workers", "optim")
 # `training.extra` keys that only change what is logged or how data is loaded, never what a branch
 # computes: left out of the experiment. Every other key (optimizer and schedule: optim_args,
 # adam_beta1/2, adam_epsilon, lr_scheduler_kwargs, label_smoothing_factor, ...) is part of it.
