@@ -21,12 +21,13 @@ from merit.evaluate.stage import run_command
 from merit.fetch import FetchError
 from merit.gguf import ModelSourceError
 from merit.graph import Context
-from merit.lm import DeviceError, ModelPathError
+from merit.lm import DeviceError, ModelPathError, cache_dir
 from merit.merge.errors import MergeError
 from merit.merge.standalone import add_merge_options, add_verify_parser, merge_command
 from merit.plan.splitters import PlanError
 from merit.run import Run
 from merit.stages import STAGES
+from merit.train.estimate import config_dir, estimate
 from merit.train.launchers import EXIT_PREEMPTED
 from merit.train.sft import Preempted
 from merit.train.stage import train_command
@@ -93,6 +94,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         choices=["shell", "slurm", "skypilot"],
         help="print the branch commands for another scheduler instead of training",
     )
+    g.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print each branch's memory per GPU (weights, gradients, optimizer, activations) "
+        "under DDP, FSDP and ZeRO-3 from θ0's config alone; trains and writes nothing",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80.0,
+        metavar="GIB",
+        help="GPU memory in GiB that --estimate checks each setup against (default 80)",
+    )
     p.epilog = (
         "exit codes: 0 done (or already done), 2 bad input or a verification failure, "
         "75 preempted (SIGTERM/SIGUSR1): a checkpoint was saved, re-run the same command"
@@ -113,6 +127,15 @@ def _demo(ctx: Context, _args) -> int:
 
 def _train(ctx: Context, args) -> int:
     return train_command(ctx, args)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """``merit train --estimate``: from the config and θ0's config.json alone, before the run is
+    opened (no data read, no run directory, nothing trained)."""
+    cfg = _load(args)
+    model_dir = config_dir(cfg.model.path, cache_dir(cfg.runtime), cfg.runtime.progress)
+    print(estimate(model_dir, cfg, args.gpu_memory))
+    return 0
 
 
 # Commands that are not one stage's artifact, and stages with options of their own; every other
@@ -195,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     options = {k: getattr(args, k, False) for k in ("add", "compare")}
     try:
+        if getattr(args, "estimate", False):
+            return _estimate(args)
         ctx = open_context(Run(_load(args)), options)
         if args.command == "compare":  # every row checked before anything is written
             check_compare(ctx)

@@ -3,6 +3,7 @@ runs (runtime): they may change between commands and re-run only the stages that
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -138,6 +139,41 @@ class CompareConfig(_Section):
         return self
 
 
+class ResourcesConfig(_Section):
+    """What one branch asks a scheduler for (``--print-commands slurm|skypilot``).
+
+    Part of ``runtime``: resume is exact and the schedule is fixed by the plan, so the same branch
+    on one GPU or on 2 nodes × 8 GPUs trains the same steps on the same tokens.
+    """
+
+    nodes: int = Field(1, ge=1, description="nodes per branch")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node; nodes × this > 1 = torchrun")
+    cpus: int | None = Field(None, ge=1, description="CPUs per node (per torchrun / branch task)")
+    memory_gb: float | None = Field(None, gt=0, description="memory per node, GB")
+    time: str | None = Field(
+        None, description="time limit per branch task, SLURM format ('12:00:00', '1-00:00:00')"
+    )
+    accelerator: str | None = Field(
+        None, description="GPU type for SkyPilot ('H100', 'A100-80GB'); null = none requested"
+    )
+    partition: str | None = Field(None, description="SLURM partition; null = the default")
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v: str | None) -> str | None:
+        # SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; a typo would only fail at sbatch.
+        if v is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", v.strip()):
+            raise ValueError(
+                f"time {v!r} is not a SLURM time limit like '12:00:00' or '1-00:00:00'"
+            )
+        return v
+
+    @property
+    def processes(self) -> int:
+        """Training processes per branch (one per GPU; one on CPU)."""
+        return self.nodes * max(1, self.gpus_per_node)
+
+
 class RuntimeConfig(_Section):
     """How to run; never changes results, so no stage's artifacts depend on it."""
 
@@ -169,6 +205,10 @@ class RuntimeConfig(_Section):
     branch_cpus: float = Field(1.0, gt=0, description="CPUs per branch task (Ray)")
     branch_gpus: float = Field(0.0, ge=0, description="GPUs per branch task (Ray)")
     branch_memory_gb: float | None = Field(None, gt=0, description="memory per branch task (Ray)")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig,
+        description="nodes / GPUs / time per branch for the SLURM and SkyPilot commands",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list,
         description="where the Trainer reports training metrics (its integrations); [] = none",

@@ -11,13 +11,15 @@ just "run these commands until each exits 0":
 - :func:`run_ray`: one Ray task per branch (CPU/GPU/memory requests), retried by Ray when its node
   dies or it exits 75/crashes; the driver skips branches that are already done;
 - :func:`print_commands`: the same commands as a shell list, a SLURM job array or SkyPilot
-  managed jobs (``examples/`` has the templates), for schedulers merit does not drive.
+  managed jobs (``examples/`` has the templates), for schedulers merit does not drive; each
+  branch asks for ``runtime.resources`` and runs under ``torchrun`` when it has several GPUs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shlex
 import signal
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merit.artifacts import write_json
+from merit.sections.stages import ResourcesConfig
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -332,12 +335,53 @@ def _template(argv: list[str], branch: str) -> str:
     return shlex.join(argv).replace("'{BRANCH}'", "{BRANCH}").replace("{BRANCH}", branch)
 
 
-def slurm_script(branch_argv: list[str], k: int, extra: Sequence[Job] = ()) -> str:
-    """An sbatch job array over the K branches; exit 75 requeues the array task.
+RDZV_PORT = 29500  # torchrun's c10d rendezvous on the branch's first node
 
-    ``branch_argv`` is the branch command with ``{BRANCH}`` in place of the branch number.
+
+def _merit_module(argv: list[str]) -> list[str]:
+    """``merit train ...`` as ``-m merit.cli train ...``: what torchrun runs on every GPU."""
+    rest = argv[1:] if argv and Path(argv[0]).name == "merit" else argv
+    return ["-m", "merit.cli", *rest]
+
+
+def _torchrun(res: ResourcesConfig, nnodes: str, rdzv: str) -> str:
+    """A torchrun prefix (shell text: the scheduler's variables stay unquoted)."""
+    return f"torchrun --nnodes={nnodes} --nproc_per_node={max(1, res.gpus_per_node)} {rdzv}"
+
+
+def _slurm_resources(res: ResourcesConfig) -> list[str]:
+    mem = f"{math.ceil(res.memory_gb)}G" if res.memory_gb else None
+    gres = f"gpu:{res.gpus_per_node}" if res.gpus_per_node > 0 else None
+    opts = {"nodes": res.nodes, "ntasks-per-node": 1, "gres": gres, "cpus-per-task": res.cpus}
+    opts.update({"mem": mem, "time": res.time, "partition": res.partition})
+    return [f"#SBATCH --{name}={value}" for name, value in opts.items() if value]
+
+
+def _slurm_launch(branch_argv: list[str], res: ResourcesConfig) -> list[str]:
+    """The lines that start the branch in the background as ``$pid``."""
+    branch = '"$SLURM_ARRAY_TASK_ID"'
+    if res.processes == 1:
+        return [f"{_template(branch_argv, branch)} &"]
+    rdzv = f"--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:{RDZV_PORT} --rdzv_id=$SLURM_JOB_ID"
+    torchrun = _torchrun(res, "$SLURM_NNODES", rdzv)
+    return [
+        "# one torchrun per node (--ntasks-per-node=1), one process per GPU, rendezvous on node 0",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_ADDR",
+        f"srun {torchrun} {_template(_merit_module(branch_argv), branch)} &",
+    ]
+
+
+def slurm_script(
+    branch_argv: list[str], k: int, extra: Sequence[Job] = (), res: ResourcesConfig | None = None
+) -> str:
+    """An sbatch job array over the K branches, each task asking for ``res``; exit 75 requeues.
+
+    ``branch_argv`` is the branch command with ``{BRANCH}`` in place of the branch number. More
+    than one process per branch runs it under ``srun torchrun`` across the task's nodes.
     """
-    cmd = _template(branch_argv, '"$SLURM_ARRAY_TASK_ID"')
+    res = res or ResourcesConfig()
+    many = res.processes > 1
     lines = [
         "#!/bin/bash",
         "# merit branches as a SLURM job array: one array task per branch (examples/slurm-branches.sbatch).",
@@ -345,60 +389,102 @@ def slurm_script(branch_argv: list[str], k: int, extra: Sequence[Job] = ()) -> s
         "# the branch checkpoints and exits 75, and the task requeues itself and later resumes.",
         "#SBATCH --job-name=merit-branches",
         f"#SBATCH --array=0-{k - 1}",
+        *_slurm_resources(res),
         "#SBATCH --requeue",
         "#SBATCH --signal=B:USR1@120",
         "#SBATCH --open-mode=append",
         "#SBATCH --output=merit-branch-%a.log",
         "",
-        f"{cmd} &",
+        *_slurm_launch(branch_argv, res),
         "pid=$!",
-        "trap 'kill -USR1 $pid 2>/dev/null' USR1 TERM",
+    ]
+    if many:
+        # torchrun dies on USR1 and reports a signalled run as a failure, not 75: send srun TERM
+        # (passed on to torchrun and by it to every rank, which checkpoint together) and requeue
+        # on any failed exit after the signal; the branch command is idempotent.
+        lines.append("trap 'stop=1; kill -TERM $pid 2>/dev/null' USR1 TERM")
+    else:
+        lines.append("trap 'kill -USR1 $pid 2>/dev/null' USR1 TERM")
+    lines += [
         "# a trapped signal interrupts wait: keep waiting until the branch has exited",
         "while wait $pid; rc=$?; kill -0 $pid 2>/dev/null; do :; done",
         'if [ "$rc" -gt 128 ]; then wait $pid; rc=$?; fi',
-        'if [ "$rc" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
-        'exit "$rc"',
     ]
+    if many:
+        lines.append('if [ -n "$stop" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then rc=75; fi')
+    lines += ['if [ "$rc" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi', 'exit "$rc"']
     for job in extra:
         lines.append(f"# then, once: {shlex.join(job.argv)}")
     return "\n".join(lines) + "\n"
 
 
-def skypilot_yaml(branch_argv: list[str], k: int, gpus: float, workdir: str) -> str:
-    """A SkyPilot managed-job task; launch one per branch with ``--env BRANCH=k``."""
-    cmd = _template(branch_argv, '"$BRANCH"')
-    accel = f"\n  accelerators: {{A100: {int(gpus)}}}" if gpus >= 1 else ""
-    return (
-        "# merit branch as a SkyPilot managed job (see examples/skypilot-branch.yaml).\n"
-        f"# for k in $(seq 0 {k - 1}); do sky jobs launch -n merit-branch-$k --env BRANCH=$k -y THIS.yaml; done\n"
-        "# Exit code 75 = preempted after a checkpoint: SkyPilot restarts the job, which resumes.\n"
-        "name: merit-branch\n"
-        f"workdir: {workdir}\n"
-        "envs:\n"
-        "  BRANCH: 0\n"
-        "resources:\n"
-        "  use_spot: true"
-        f"{accel}\n"
-        "  job_recovery:\n"
-        "    strategy: FAILOVER\n"
-        "    max_restarts_on_errors: 3\n"
-        "    recover_on_exit_codes: [75]\n"
-        "setup: pip install -e .\n"
-        "run: |\n"
-        f"  {cmd}\n"
-    )
+def _skypilot_resources(res: ResourcesConfig) -> list[str]:
+    lines = ["resources:", "  use_spot: true"]
+    if res.gpus_per_node > 0 and res.accelerator:
+        lines.append(f"  accelerators: {res.accelerator}:{res.gpus_per_node}")
+    elif res.gpus_per_node > 0:
+        # SkyPilot cannot ask for "any GPU": without a type the task would get a CPU instance.
+        lines.append(
+            f"  # accelerators: GPU:{res.gpus_per_node}  (set runtime.resources.accelerator)"
+        )
+    if res.cpus:
+        lines.append(f"  cpus: {res.cpus}+")
+    if res.memory_gb:
+        lines.append(f"  memory: {res.memory_gb:g}+")
+    return lines
+
+
+def _skypilot_run(branch_argv: list[str], res: ResourcesConfig) -> list[str]:
+    branch = '"$BRANCH"'
+    if res.processes == 1:
+        return [f"  {_template(branch_argv, branch)}"]
+    rdzv = f"--node_rank=$SKYPILOT_NODE_RANK --master_addr=$HEAD_IP --master_port={RDZV_PORT}"
+    torchrun = _torchrun(res, "$SKYPILOT_NUM_NODES", rdzv)
+    return [
+        "  # one torchrun per node, one process per GPU; the first listed node is the head",
+        '  HEAD_IP=$(echo "$SKYPILOT_NODE_IPS" | head -n 1)',
+        f"  {torchrun} {_template(_merit_module(branch_argv), branch)}",
+    ]
+
+
+def skypilot_yaml(
+    branch_argv: list[str], k: int, workdir: str, res: ResourcesConfig | None = None
+) -> str:
+    """A SkyPilot managed-job task asking for ``res``; launch one per branch with ``--env BRANCH=k``."""
+    res = res or ResourcesConfig()
+    lines = [
+        "# merit branch as a SkyPilot managed job (see examples/skypilot-branch.yaml).",
+        f"# for k in $(seq 0 {k - 1}); do sky jobs launch -n merit-branch-$k --env BRANCH=$k -y THIS.yaml; done",
+        "# Exit code 75 = preempted after a checkpoint: SkyPilot restarts the job, which resumes.",
+        "name: merit-branch",
+        f"workdir: {workdir}",
+        f"num_nodes: {res.nodes}",
+        "envs:",
+        "  BRANCH: 0",
+        *_skypilot_resources(res),
+        "  job_recovery:",
+        "    strategy: FAILOVER",
+        "    max_restarts_on_errors: 3",
+        "    recover_on_exit_codes: [75]",
+        "setup: pip install -e .",
+        "run: |",
+        *_skypilot_run(branch_argv, res),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def print_commands(
-    kind: str, jobs: Sequence[Job], branch_argv: list[str], k: int, gpus: float = 0.0
+    kind: str, jobs: Sequence[Job], argv: list[str], k: int, res: ResourcesConfig | None = None
 ) -> str:
-    """The branch commands for another scheduler: ``shell``, ``slurm`` or ``skypilot``."""
+    """The branch commands for another scheduler: ``shell``, ``slurm`` or ``skypilot``; ``argv``
+    is the branch command with ``{BRANCH}``, each branch asks for ``res`` (default: 1 process)."""
+    res = res or ResourcesConfig()
     if kind == "shell":
         return shell_commands(jobs)
     if kind == "slurm":
-        return slurm_script(branch_argv, k, [j for j in jobs if "--branch" not in j.argv])
+        return slurm_script(argv, k, [j for j in jobs if "--branch" not in j.argv], res)
     if kind == "skypilot":
-        return skypilot_yaml(branch_argv, k, gpus, os.getcwd())
+        return skypilot_yaml(argv, k, os.getcwd(), res)
     raise ValueError(f"unknown scheduler {kind!r}: shell, slurm or skypilot")
 
 

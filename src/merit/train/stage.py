@@ -314,7 +314,7 @@ def branch_commands(run: Context, plan: Plan, kind: str) -> str:
         for j in jobs(run, plan)
     ]
     template = _job_command(run, "branch", "{BRANCH}", p_hash, ["merit"])
-    return orch.print_commands(kind, launch, template, plan.K, run.cfg.runtime.branch_gpus)
+    return orch.print_commands(kind, launch, template, plan.K, run.cfg.runtime.resources)
 
 
 def run_jobs(run: Context, plan: Plan, todo: list[Job], one: bool = False) -> list[BranchManifest]:
