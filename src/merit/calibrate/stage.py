@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +34,14 @@ def _parameter_layout(ctx: Context) -> str:
     """θ0's parameter names and shapes (from its config, on the meta device: no weights read)."""
     # θ0 is resolved first: that may build it (the demo's), which must not happen on the
     # meta device. Only the trainable parameters are sketched (model.trainable).
-    base = ctx.base.dir
-    return parameter_layout(meta_model(base, ctx.base.trainable))
+    return _layout(ctx.base.dir, ctx.base.trainable, ctx.base.fingerprint)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(base_dir: Path, trainable: tuple[str, ...] | None, _fingerprint: str) -> str:
+    # Built once per θ0 (its fingerprint covers config.json) and process: the reuse check and
+    # the build both need it, and so does every run of `merit compare` on the same θ0.
+    return parameter_layout(meta_model(base_dir, trainable))
 
 
 def sketch_spec(ctx: Context) -> dict:
