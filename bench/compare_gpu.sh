@@ -49,7 +49,7 @@ PY
 keep_a() { rm -rf "$STASH" && mkdir -p "$STASH" && cp -r "$GPU/a" "$GPU/SHA256SUMS" "$STASH/"; }
 
 run() {
-  local out="${1:-runs/compare-gpu-out}"
+  local out="${1:-runs/compare-gpu-out}"; shift || true
   [ -d "$GPU/a" ] || ln -sfn "$STASH/a" "$GPU/a"
   [ -f "$GPU/SHA256SUMS" ] || cp "$STASH/SHA256SUMS" "$GPU/"
   cat "$GPU/a/gguf.part-00" "$GPU/b/gguf.part-01" > "$GPU/smollm2.gguf"
@@ -60,13 +60,19 @@ run() {
   export MERIT_SMOLLM2="$PWD/$GPU/smollm2.gguf" MERIT_BIGBENCH="$PWD/$GPU/a/bigbench"
   export MERIT_CACHE=/tmp/merit-cache HF_HUB_OFFLINE=1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  local t0=$SECONDS
-  python3 -m merit.cli compare configs/compare-gpu.yaml runtime.progress=false 2>&1 \
-    | tee /tmp/compare-gpu.log
-  echo "merit compare: $((SECONDS - t0)) s wall"
   mkdir -p "$out"
+  # One branch step first (bench/branch_gpu.py: tokens/s, peak memory, MFU), then the study.
+  timeout "${BRANCH_SECONDS:-150}" python3 bench/branch_gpu.py --out "$out" 2>&1 \
+    | grep -v "it/s]" | tee /tmp/branch-gpu.log || true
+  local t0=$SECONDS
+  # COMPARE_SECONDS bounds the study so that what it finished still comes back; extra
+  # arguments are config overrides (a smaller study when the device time is short).
+  timeout "${COMPARE_SECONDS:-3000}" python3 -m merit.cli compare configs/compare-gpu.yaml \
+    runtime.progress=false "$@" 2>&1 | tee /tmp/compare-gpu.log || true
+  echo "merit compare: $((SECONDS - t0)) s wall"
   cp runs/compare-gpu/compare/results.{json,md} runs/compare-gpu/compare/gain.png \
-     runs/compare-gpu/timings.json /tmp/compare-gpu.log "$out/" 2>/dev/null || true
+     runs/compare-gpu/timings.json /tmp/compare-gpu.log \
+     /tmp/branch-gpu.log "$out/" 2>/dev/null || true
 }
 
 case "${1:-}" in

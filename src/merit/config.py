@@ -91,7 +91,12 @@ class RunConfig(_Section):
 EXPERIMENT = ("seed", "model", "data", "calibration", "planning", "training")
 # Settings inside "what" sections that only change how fast a stage runs, or which jobs run,
 # never what any job computes: a joint baseline added later leaves the branches valid.
-_HOW: dict[str, Any] = {"calibration": {"streaming"}, "training": {"baselines"}}
+_HOW: dict[str, Any] = {
+    "calibration": {"streaming"},
+    "model": {"attn_implementation"},
+    "training": {"baselines", "distributed", "deepspeed_config", "gradient_checkpointing",
+                 "liger_kernel"},
+}  # fmt: skip
 
 
 def changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -214,11 +214,14 @@ def load_model(
     device: torch.device,
     dtype: str = "auto",
     trainable: tuple[str, ...] | None = None,
+    attn_implementation: str = "sdpa",
 ):
     """θ0 (or a model trained from it) with ``from_pretrained``, moved to ``device``; with
     ``trainable`` (groups of :mod:`merit.vision`), only those parameters require grad."""
     cls = model_class(path)
-    model = cls.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device)
+    model = cls.from_pretrained(
+        str(path), dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation
+    ).to(device)
     if trainable is not None:
         freeze(model, trainable)
     return model
@@ -360,6 +363,13 @@ class Base:
             return None
         return tuple(groups) if groups else default_trainable(self.cfg.training.lora is not None)
 
-    def load(self):
-        """A fresh copy of θ0 on the run's device, its frozen groups frozen."""
-        return load_model(self.dir, self.device, self.cfg.model.dtype, self.trainable)
+    def load(self, dtype: str | None = None, device: torch.device | None = None):
+        """A fresh copy of θ0 on the run's device (or ``device``), in ``model.dtype`` (or
+        ``dtype``), its frozen groups frozen."""
+        return load_model(
+            self.dir,
+            device or self.device,
+            dtype or self.cfg.model.dtype,
+            self.trainable,
+            self.cfg.model.attn_implementation,
+        )

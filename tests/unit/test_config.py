@@ -233,7 +233,7 @@ def test_run_paths_name_the_files_the_merge_library_writes():
             "training.extra.learning_rate: set training.learning_rate instead",
         ),
         ("{report_to: [wandb]}", "training.extra.report_to: set runtime.report_to instead"),
-        ("{max_steps: 10}", "training.extra.max_steps: set training.epochs instead"),
+        ("{max_steps: 10}", "training.extra.max_steps: set training.max_steps instead"),
     ],
 )
 def test_training_extra_refuses_unknown_and_merit_owned_keys(tmp_path, extra, message):
@@ -282,7 +282,7 @@ def test_extra_optim_is_the_trainers_spelling_of_training_optim(tmp_path):
     ada = load_config(p, ["training.extra={optim: adafactor}"])
     assert ada.experiment_hash() != a.experiment_hash()
     assert experiment_changes(a, ada) == ["training.extra.optim (None -> 'adafactor')"]
-    args = sft_config(ada.training, tmp_path, torch.device("cpu"), torch.float32, 64, 8, False)
+    args = sft_config(ada.training, tmp_path, torch.device("cpu"), 64, 8, False)
     assert args.optim == "adafactor"
     with pytest.raises(ConfigError, match="both set"):
         load_config(p, ["training.extra={optim: adafactor}", "training.optim=sgd"])

@@ -59,7 +59,9 @@ def score_model(run, key: str, label: str, path: Path, out: Path | None = None) 
         return old
     why = "no scores yet" if old is None else "weights or scoring settings changed"
     run.say(f"evaluating {label} ({why})")
-    model = load_model(path, run.device, run.cfg.model.dtype)
+    model = load_model(
+        path, run.device, run.cfg.model.dtype, None, run.cfg.model.attn_implementation
+    )
     per = _scores(run, model, run.mixture, label)
     unseen = _scores(run, model, Mixture(run.mixture.unseen), f"{label} (unseen tasks)")
     rec = ModelScores(key, label, EVAL_VERSION, str(path), stamp, settings, per, unseen)

@@ -77,8 +77,9 @@ def _branch_problems(run: Context, plan: Plan, g: PlanGroup) -> list[str]:
         problems.append(f"branch {k}: trained on other datasets than its group")
     if m.tokens != g.tokens:
         problems.append(f"branch {k}: trained {m.tokens} tokens, plan says {g.tokens}")
-    epochs = run.cfg.training.epochs
-    want = g.tokens * int(epochs) if float(epochs).is_integer() else m.tokens_scheduled
+    epochs, whole = run.cfg.training.epochs, run.cfg.training.max_steps is None
+    # Whole epochs feed exactly epochs × N_k; a step budget or a fractional epoch, its schedule.
+    want = g.tokens * int(epochs) if whole and float(epochs).is_integer() else m.tokens_scheduled
     if m.tokens_seen != want:
         problems.append(f"branch {k}: saw {m.tokens_seen} tokens, the plan's budget is {want}")
     if not any(rel.startswith("model/") for rel in m.weights):

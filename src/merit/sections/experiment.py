@@ -44,6 +44,11 @@ class ModelConfig(_Section):
         "examples are not cut either)",
     )
     demo: DemoBaseConfig = Field(default_factory=DemoBaseConfig)
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="transformers' attention kernel for every model merit loads (how, not what: "
+        "the same math); flash_attention_2 needs the flash-attn package and a GPU",
+    )
     max_image_pixels: int | None = Field(
         None,
         ge=3136,
@@ -57,6 +62,17 @@ class ModelConfig(_Section):
         "and joint alike); null = projector and language with the vision tower frozen (LoRA: "
         "language only). A text-only θ0 is all language",
     )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _kernel_installed(cls, name: str) -> str:
+        import importlib.util
+
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "flash_attention_2 needs the flash-attn package (pip install flash-attn)"
+            )
+        return name
 
 
 class DatasetSpec(_Section):
@@ -277,6 +293,36 @@ class TrainingConfig(_Section):
     optim: str = Field(
         "adamw_torch_fused", description="the Trainer's optimizer (transformers' OptimizerNames)"
     )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps per branch instead of `epochs` (the joint baseline takes K× "
+        "as many: the same token budget); null = epochs",
+    )
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = Field(
+        "auto",
+        description="fp32; bf16 (weights, gradients and Adam states in bf16); bf16-mixed (fp32 "
+        "master weights, bf16 autocast); auto = bf16-mixed on a GPU, fp32 on CPU",
+    )
+    # How, not what (left out of the experiment, see merit.config._HOW): the same branch either way.
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none",
+        description="how the processes of one branch share it (torchrun / accelerate launch / "
+        "runtime.resources.gpus_per_node > 1): ddp replicates θ0, fsdp (FSDP2, full shard by "
+        "decoder layer) and deepspeed (ZeRO, `deepspeed_config`) shard it; none = ddp when "
+        "several processes run",
+    )
+    deepspeed_config: str = Field(
+        "zero3",
+        description="with distributed: deepspeed, a shipped template (zero2, zero3) or the path "
+        "of a DeepSpeed JSON config",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, ~30% slower)"
+    )
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (GPU only; the liger-kernel package)"
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="any other field of trl's SFTConfig, passed through; logging and dataloader "
@@ -319,6 +365,21 @@ class TrainingConfig(_Section):
         return extra
 
     @model_validator(mode="after")
+    def _packages(self) -> TrainingConfig:
+        import importlib.util
+
+        need = {"liger_kernel": self.liger_kernel, "deepspeed": self.distributed == "deepspeed"}
+        for package, wanted in need.items():
+            if wanted and importlib.util.find_spec(package) is None:
+                setting = (
+                    "training.liger_kernel"
+                    if package == "liger_kernel"
+                    else ("training.distributed=deepspeed")
+                )
+                raise ValueError(f"{setting} needs the {package.replace('_', '-')} package")
+        return self
+
+    @model_validator(mode="after")
     def _one_optimizer(self) -> TrainingConfig:
         # `training.extra.optim` is the Trainer's own spelling of `training.optim`: either, not both.
         if "optim" in self.extra and self.optim != "adamw_torch_fused":
@@ -335,15 +396,20 @@ SFT_OWNED: dict[str, str] = {
     "gradient_accumulation_steps": "set training.gradient_accumulation_steps instead",
     "learning_rate": "set training.learning_rate instead",
     "num_train_epochs": "set training.epochs instead",
-    "max_steps": "set training.epochs instead",
+    "max_steps": "set training.max_steps instead",
     "lr_scheduler_type": "set training.lr_scheduler instead",
     "warmup_steps": "set training.warmup_ratio instead",
     "weight_decay": "set training.weight_decay instead",
     "max_grad_norm": "set training.max_grad_norm instead",
     "seed": "set training.seed instead",
     "data_seed": "set training.seed instead",
-    "bf16": "set model.dtype instead",
-    "fp16": "set model.dtype instead",
+    "bf16": "set training.precision instead",
+    "fp16": "set training.precision instead",
+    "bf16_full_eval": "set training.precision instead",
+    "fsdp": "set training.distributed instead",
+    "fsdp_config": "set training.distributed instead",
+    "deepspeed": "set training.distributed and training.deepspeed_config instead",
+    "use_liger_kernel": "set training.liger_kernel instead",
     "use_cpu": "set runtime.device instead",
     "max_length": "set model.max_length instead",
     "report_to": "set runtime.report_to instead",
@@ -351,8 +417,9 @@ SFT_OWNED: dict[str, str] = {
     "save_strategy": "set runtime.checkpoint_steps instead",
     "save_steps": "set runtime.checkpoint_steps instead",
     "save_total_limit": "set runtime.keep_checkpoints instead",
-    "gradient_checkpointing": "merit sets it (off: on CPU it is ~6x slower)",
-    "activation_checkpointing": "merit sets it (off: on CPU it is ~6x slower)",
+    "gradient_checkpointing": "set training.gradient_checkpointing instead",
+    "activation_checkpointing": "set training.gradient_checkpointing instead",
+    "gradient_checkpointing_kwargs": "set training.gradient_checkpointing instead",
     **dict.fromkeys(
         ("packing", "completion_only_loss", "train_sampling_strategy", "accelerator_config",
          "ddp_find_unused_parameters", "remove_unused_columns", "save_only_model",

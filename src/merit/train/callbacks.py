@@ -22,6 +22,7 @@ import torch
 
 from merit.artifacts import write_json
 from merit.train.checkpoints import seal_checkpoint
+from merit.train.logits import answer_loss, answer_positions
 
 PROGRESS_FILE = "progress.json"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -84,6 +85,22 @@ def trainer_class():
         """
 
         merit_tokens_since_step = 0
+
+        merit_answer_only = False  # set by merit.train.sft when merit.train.logits applies
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if not self.merit_answer_only or labels is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            keep = answer_positions(labels)
+            rest = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**rest, use_cache=False, logits_to_keep=keep.to(labels.device))
+            loss = answer_loss(outputs.logits, labels, keep, num_items_in_batch)
+            # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP
+            # averages the gradients over ranks.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, *args, **kwargs):
             mask = inputs.get("attention_mask")

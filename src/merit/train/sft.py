@@ -29,6 +29,7 @@ import torch
 from merit.config import TrainingConfig
 from merit.data.formats import Example
 from merit.data.mixture import vision_messages
+from merit.errors import StageError
 from merit.lm import Encoded
 
 # Checkpoints and preemption, imported from here by the CLI, the train stage and the tests.
@@ -48,6 +49,7 @@ from merit.train.checkpoints import (  # noqa: F401
     resume_point,
     seal_checkpoint,
 )
+from merit.train.logits import answer_only_applies
 from merit.train.lora import save_lora_branch, wrap_lora
 from merit.vision import is_processor, save_processor
 
@@ -132,34 +134,59 @@ def sft_config(
     cfg: TrainingConfig,
     out_dir: Path,
     device: torch.device,
-    model_dtype: torch.dtype,
     max_length: int,
     n_examples: int,
     progress: bool,
-    max_steps: int | None = None,
     checkpoint_steps: int | None = None,
     keep_checkpoints: int = 2,
     vision: bool = False,
     report_to: Sequence[str] = (),
+    layers: Sequence[str] = (),
 ):
     """The ``SFTConfig`` shared by every branch: one schedule for all (paper §3.3).
 
     ``n_examples`` is the length of the fixed order (:func:`schedule`), read once, sequentially.
     With ``vision`` nothing is cut (cutting into an image's tokens breaks the model's input).
+    ``layers``: the model's decoder-layer classes, FSDP's wrapping unit.
     ``cfg.extra`` (validated with the config: no field merit sets itself) is passed through.
     """
     from trl import SFTConfig
 
-    args = _sft_settings(cfg, device, model_dtype, max_length, n_examples, progress, vision)
+    args = _sft_settings(cfg, device, max_length, n_examples, progress, vision)
     args.update(_checkpointing(checkpoint_steps, keep_checkpoints))
+    args.update(_parallelism(cfg, layers, world_size(), device))
     args.update(cfg.extra)  # never a field merit sets: the config refuses those
     return SFTConfig(output_dir=str(out_dir), report_to=list(report_to), **args)
+
+
+def world_size() -> int:
+    """Processes training this branch together (``torchrun`` / ``accelerate launch``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def precision(cfg: TrainingConfig, device: torch.device) -> str:
+    """``training.precision`` resolved: auto is bf16-mixed on a GPU, fp32 on CPU (bf16 math on
+    CPU is ~6x slower)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
+def train_dtype(cfg: TrainingConfig, device: torch.device) -> str:
+    """The dtype θ0 is loaded in to train: bf16 for pure bf16, else fp32 master weights."""
+    return "bfloat16" if precision(cfg, device) == "bf16" else "float32"
+
+
+def check_levers(cfg: TrainingConfig, device: torch.device) -> None:
+    """A one-line error for a speed lever this process cannot pull (packages are checked with
+    the config)."""
+    if cfg.liger_kernel and device.type != "cuda":
+        raise StageError(f"training.liger_kernel needs a GPU (Triton kernels); this is {device}")
 
 
 def _sft_settings(
     cfg: TrainingConfig,
     device: torch.device,
-    model_dtype: torch.dtype,
     max_length: int,
     n_examples: int,
     progress: bool,
@@ -169,8 +196,7 @@ def _sft_settings(
     that ``training.extra`` may change (``merit.config.SFT_DEFAULTS``)."""
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     steps = max(1, math.ceil(n_examples / per_step))
-    on_gpu = device.type == "cuda"
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = world_size() > 1
     return dict(
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -185,9 +211,11 @@ def _sft_settings(
         seed=cfg.seed,
         data_seed=cfg.seed,
         # TRL turns bf16 and gradient checkpointing on by default; on CPU that is ~6x slower.
-        bf16=on_gpu and model_dtype == torch.bfloat16,
+        bf16=precision(cfg, device) != "fp32",
         fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.distributed != "fsdp",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=cfg.liger_kernel,
         use_cpu=device.type == "cpu",
         max_length=None if vision else max_length,
         packing=False,
@@ -203,6 +231,54 @@ def _sft_settings(
         logging_steps=max(1, steps // 40),
         dataloader_num_workers=0,
     )
+
+
+def _parallelism(
+    cfg: TrainingConfig, layers: Sequence[str], world: int, device: torch.device | None = None
+) -> dict:
+    """FSDP or DeepSpeed for a branch that several processes train (DDP needs nothing: accelerate
+    wraps the model when launched so). One process trains alone, whatever ``distributed`` says,
+    and CPU processes train under DDP (:func:`sharding_refused`)."""
+    if world < 2 or cfg.distributed in ("none", "ddp") or sharding_refused(cfg, device):
+        return {}
+    if cfg.distributed == "fsdp":
+        # FSDP2, one shard unit per decoder layer (the model's own `_no_split_modules`); the full
+        # state dict is gathered on save, so the branch is an ordinary safetensors model.
+        fsdp = {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": list(layers),
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": cfg.gradient_checkpointing,
+        }
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": fsdp}
+    return {"deepspeed": deepspeed_config(cfg.deepspeed_config)}
+
+
+def fsdp_layers(model) -> list[str]:
+    """FSDP's shard units: the model's decoder-layer classes, as transformers declares them
+    (``_no_split_modules``: the blocks never split across devices), never a hard-coded list."""
+    return sorted(set(getattr(model, "_no_split_modules", None) or ()))
+
+
+def sharding_refused(cfg: TrainingConfig, device: torch.device | None) -> str | None:
+    """Why ``training.distributed`` cannot shard on this device, or None.
+
+    accelerate (1.16, ``AcceleratorState``) turns FSDP on only for accelerator process groups
+    (MULTI_GPU, MULTI_NPU, ...) and DeepSpeed only when not on CPU: CPU processes given either
+    would silently train under DDP, so merit says so and asks for DDP itself."""
+    if cfg.distributed in ("fsdp", "deepspeed") and device is not None and device.type == "cpu":
+        return (
+            f"training.distributed={cfg.distributed}: accelerate shards only on GPUs "
+            "(it runs CPU processes under DDP); these CPU processes train under DDP, which "
+            "gives the same weights"
+        )
+    return None
+
+
+def deepspeed_config(name: str) -> str:
+    """The DeepSpeed JSON for ``training.deepspeed_config``: a shipped template or a path."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{name}.json"
+    return str(shipped if shipped.is_file() else Path(name))
 
 
 def _checkpointing(checkpoint_steps: int | None, keep_checkpoints: int) -> dict:
@@ -260,7 +336,6 @@ def train_sft(
         cfg,
         trainer_dir,
         p0.device,
-        p0.dtype,
         max_length,
         len(order),
         progress,
@@ -268,25 +343,29 @@ def train_sft(
         keep_checkpoints=keep_checkpoints,
         vision=examples is not None,
         report_to=report_to,
+        layers=fsdp_layers(model),
     )
+    if world_size() > 1 and (why := sharding_refused(cfg, p0.device)):
+        say(why)
     resume, tokens_start, dropped = (
         resume_point(trainer_dir, run_key, label, say) if checkpoint_steps else (None, 0, [])
     )
     hooks = (run_key, tokens_start, out_dir / PROGRESS_FILE if checkpoint_steps else None, label)
     data = (records, order, examples)
-    trainer, callback = _fit(model, tokenizer, cfg, args, data, hooks, resume, trainer_dir)
+    trainer, callback = _fit(model, tokenizer, cfg, args, data, hooks, resume, trainer_dir, say)
     _save_final(trainer, tokenizer, out_dir, p0.dtype, save_dtype, lora=cfg.lora is not None)
     callback._progress(trainer.state, "trained", force=True)
     return _result(trainer.state, records, order, callback.tokens_seen, resume, dropped)
 
 
 def _fit(
-    model, tokenizer, cfg: TrainingConfig, args, data: tuple, hooks: tuple, resume, trainer_dir
+    model, tokenizer, cfg: TrainingConfig, args, data: tuple, hooks: tuple, resume, trainer_dir, say
 ):
     """Train ``model`` (wrapped in LoRA adapters with ``cfg.lora``) on ``data`` (``_to_dataset``'s
     arguments) under the preemption signals; returns (trainer, callback), or raises
     :class:`Preempted` when a signal stopped training early (after the checkpoint of the current
     step). ``hooks``: ``branch_callback``'s last four arguments."""
+    answer_only = answer_only_applies(model, args.device)  # PEFT passes logits_to_keep through
     if cfg.lora is not None:
         model = wrap_lora(model, cfg.lora)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -300,13 +379,36 @@ def _fit(
             processing_class=tokenizer,
             callbacks=[callback],
         )
+        trainer.merit_answer_only = answer_only
         trainer_ref.append(trainer)
+        _say_placement(trainer, hooks[-1], say)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     if callback.stopped_by is not None and state.global_step < state.max_steps:
         callback._progress(state, "preempted", force=True)
         raise Preempted(state.global_step, trainer_dir / f"checkpoint-{state.global_step}")
     return trainer, callback
+
+
+def _say_placement(trainer, label: str, say) -> None:
+    """Where the branch trains: its processes, how they share it, its precision."""
+    acc = trainer.accelerator
+    if not acc.is_main_process:
+        return
+    how = (
+        "fsdp"
+        if trainer.is_fsdp_enabled
+        else "deepspeed"
+        if trainer.is_deepspeed_enabled
+        else ("ddp" if acc.num_processes > 1 else "one process")
+    )
+    mixed = {"bf16": "bf16 autocast", "no": "no autocast"}.get(
+        acc.mixed_precision, acc.mixed_precision
+    )
+    dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
+    say(
+        f"{label}: {acc.num_processes} process(es) on {acc.device.type}, {how}, {dtype} weights, {mixed}"
+    )
 
 
 def _result(state, records, order, tokens_seen: int, resume, dropped) -> TrainResult:
@@ -326,12 +428,16 @@ def _result(state, records, order, tokens_seen: int, resume, dropped) -> TrainRe
 
 
 def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool) -> None:
-    """The branch's final weights: ``model/`` (full, θ0's dtype) and for LoRA ``adapter/``."""
+    """The branch's final weights: ``model/`` (full, θ0's dtype) and for LoRA ``adapter/``.
+
+    A sharded model (FSDP, ZeRO-3) is gathered first, which every process takes part in; only
+    the first process writes."""
     acc = trainer.accelerator
-    if trainer.is_fsdp_enabled:
-        # Gathering a sharded model is collective: every process takes part, the first writes.
+    save_dtype = save_dtype or dtype
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         state_dict = acc.get_state_dict(trainer.model_wrapped)
         if acc.is_main_process:
+            state_dict = {k: v.to(save_dtype) for k, v in state_dict.items()}
             model = acc.unwrap_model(trainer.model)
             model.save_pretrained(out_dir / "model", state_dict=state_dict)
             _save_processing(tokenizer, out_dir / "model")
@@ -340,11 +446,9 @@ def _save_final(trainer, tokenizer, out_dir: Path, dtype, save_dtype, lora: bool
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
         if lora:
-            save_lora_branch(model, out_dir, save_dtype or dtype)
+            save_lora_branch(model, out_dir, save_dtype)
         else:
-            if save_dtype is not None and save_dtype != dtype:
-                model = model.to(save_dtype)
-            model.save_pretrained(out_dir / "model")
+            model.to(save_dtype).save_pretrained(out_dir / "model")
         _save_processing(tokenizer, out_dir / "model")
     acc.wait_for_everyone()
 

@@ -31,7 +31,8 @@ from merit.run import RunPaths
 from merit.train import launchers as orch
 from merit.train.artifact import BranchManifest, Trained
 from merit.train.launchers import LaunchError
-from merit.train.sft import train_sft
+from merit.train.processes import ranks_to_start, run_ranks
+from merit.train.sft import Preempted, check_levers, train_dtype, train_sft, world_size
 
 READS = EXPERIMENT
 
@@ -127,13 +128,23 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _save_dtype(run: Context, model) -> torch.dtype:
+def _save_dtype(run: Context) -> torch.dtype:
     """θ0's stored dtype: every branch is saved with θ0's tensor layout."""
     config = read_json(run.base.dir / "config.json")
     saved = config.get("dtype") or config.get("torch_dtype")
     if isinstance(saved, str) and isinstance(getattr(torch, saved, None), torch.dtype):
         return getattr(torch, saved)
-    return next(model.parameters()).dtype
+    return torch.float32
+
+
+def _load_for_training(run: Context):
+    """θ0 in the dtype ``training.precision`` trains in, on this process's device; under FSDP on
+    the CPU, which ``fully_shard`` moves to the device shard by shard."""
+    tc = run.cfg.training
+    check_levers(tc, run.device)
+    sharded = tc.distributed == "fsdp" and world_size() > 1 and run.device.type != "cpu"
+    device = torch.device("cpu") if sharded else run.device
+    return run.base.load(dtype=train_dtype(tc, run.device), device=device)
 
 
 def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
@@ -156,7 +167,7 @@ def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
             for sub in ("model", "adapter"):
                 shutil.rmtree(job.out / sub, ignore_errors=True)
         t0 = time.perf_counter()
-        res, layout = _fit(run, job, p_hash)
+        res, layout = _fit(run, job, p_hash, plan.K)
         manifest = _manifest(run, job, p_hash, res, time.perf_counter() - t0, layout)
         if _main_process():
             manifest.save(manifest_path)  # last: a manifest means the job is complete
@@ -164,7 +175,7 @@ def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
     return manifest
 
 
-def _fit(run: Context, job: Job, p_hash: str):
+def _fit(run: Context, job: Job, p_hash: str, k: int):
     """Run TRL on the job's examples; check merit's own token count against the schedule."""
     train = run.encoded("train")
     records = [e for n in job.datasets for e in train[n]]
@@ -177,18 +188,20 @@ def _fit(run: Context, job: Job, p_hash: str):
     )
     # A checkpoint is resumed only by the same job: plan, θ0, training settings, datasets.
     key = [p_hash, run.base.fingerprint, run.cfg.experiment_hash(), job.label, job.datasets]
-    model = run.base.load()
+    model = _load_for_training(run)
     layout = parameter_layout(model)
-    rt = run.cfg.runtime
+    rt, tc = run.cfg.runtime, run.cfg.training
     res = train_sft(
         model,
         run.base.processor,
         records,
-        run.cfg.training,
+        tc,
         job.out,
         run.cfg.model.max_length,
         run.progress,
-        save_dtype=_save_dtype(run, model),
+        # The joint baseline takes the steps of all K branches: the same token budget (§4).
+        max_steps=tc.max_steps and tc.max_steps * (k if job.group is None else 1),
+        save_dtype=_save_dtype(run),
         checkpoint_steps=rt.checkpoint_steps,
         keep_checkpoints=rt.keep_checkpoints,
         report_to=rt.report_to,
@@ -322,8 +335,32 @@ def run_jobs(run: Context, plan: Plan, todo: list[Job], one: bool = False) -> li
     asked for or ``runtime.launcher`` is inline; else as their own ``merit train`` processes
     through the local launcher (``runtime.parallel`` at once) or Ray."""
     if one or run.cfg.runtime.launcher == "inline" or len(todo) < 2:
+        res = run.cfg.runtime.resources
+        if ranks := ranks_to_start(res.processes, res.nodes):
+            return [_train_ranks(run, plan, job, ranks) for job in todo]
         return [_train_one(run, plan, job) for job in todo]
     return _launch(run, plan, todo)
+
+
+def _train_ranks(run: Context, plan: Plan, job: Job, ranks: int) -> BranchManifest:
+    """One job as ``ranks`` processes on this node (``runtime.resources.gpus_per_node``), each
+    running the job's own command; its manifest once they finished."""
+    p_hash = plan_hash(run)
+    _verify_job_inputs(run, plan, job.datasets, job.label)
+    if m := finished(run, job.out, p_hash):
+        run.say(f"{job.label}: already trained, skipping")
+        return m
+    _write_launch_config(run)
+    threads = run.cfg.runtime.threads or max(1, (os.cpu_count() or 1) // ranks)
+    argv = _job_command(run, job.kind, job.ident, p_hash, ["-m", "merit.cli"])
+    run.say(f"{job.label}: starting {ranks} processes on this node")
+    rc = run_ranks([*argv, f"runtime.threads={threads}"], ranks)
+    if rc == orch.EXIT_PREEMPTED:
+        step = (orch.read_progress(job.out) or {}).get("step", 0)
+        raise Preempted(step, None)
+    if rc != 0 or (m := finished(run, job.out, p_hash)) is None:
+        raise LaunchError(f"{job.label}: its {ranks} processes failed (exit code {rc})")
+    return m
 
 
 def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:

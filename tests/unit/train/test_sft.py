@@ -26,6 +26,7 @@ from merit.train.lora import (
 from merit.train.sft import (
     CHECKPOINT_MARKER,
     _checkpointing,
+    _parallelism,
     _sft_settings,
     checkpoint_problem,
     newest_valid_checkpoint,
@@ -239,9 +240,7 @@ def test_slurm_script_requeues_on_exit_75(tmp_path):
 # -- the SFTConfig: merit's settings, training.extra passed through ----------------------------
 def _sft(tmp_path, raw_training=None, **kwargs):
     cfg = config_from_dict({"data": {"bigbench": "/x"}, "training": raw_training or {}})
-    args = sft_config(
-        cfg.training, tmp_path, torch.device("cpu"), torch.float32, 64, 100, False, **kwargs
-    )
+    args = sft_config(cfg.training, tmp_path, torch.device("cpu"), 64, 100, False, **kwargs)
     return cfg, args
 
 
@@ -269,9 +268,10 @@ def test_merit_refuses_in_extra_every_field_it_sets(tmp_path):
     """The config's list of merit-owned fields is what ``sft_config`` sets, so no user key can
     silently replace one of merit's (the schedule, checkpoints, data order)."""
     cfg, _ = _sft(tmp_path)
-    sets = set(
-        _sft_settings(cfg.training, torch.device("cpu"), torch.float32, 64, 100, False, False)
-    )
+    sets = set(_sft_settings(cfg.training, torch.device("cpu"), 64, 100, False, False))
     sets |= set(_checkpointing(10, 2)) | {"output_dir", "report_to"}
+    for how in ("fsdp", "deepspeed"):  # deepspeed itself need not be installed to list its keys
+        training = cfg.training.model_copy(update={"distributed": how})
+        sets |= set(_parallelism(training, ["LlamaDecoderLayer"], 2))
     assert sets - set(SFT_DEFAULTS) <= set(SFT_OWNED)
     assert not set(SFT_DEFAULTS) & set(SFT_OWNED)
