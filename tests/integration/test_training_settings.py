@@ -1,11 +1,15 @@
-"""Open training settings through the CLI: a Trainer field passed with `training.extra` trains
-and is part of the experiment; a run with it reuses nothing trained without it."""
+"""Training settings through the CLI: a Trainer field passed with `training.extra` trains and is
+part of the experiment; speed levers change no weights; a step budget trains and merges; levers
+this machine lacks are one-line errors before anything is written."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import write_run_config
 from merit.cli import main
@@ -27,3 +31,71 @@ def test_extra_optimizer_trains_and_is_the_experiment(tmp_path, mixture_specs, t
     assert main(["joint", str(cfg), "training.extra={optim: sgd}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "different experiment" in err and "training.extra.optim" in err
+
+
+def _joint(tmp_path, name, specs, base, *overrides):
+    cfg = write_run_config(
+        tmp_path / f"{name}.yaml", tmp_path / name, specs, base,
+        training={"learning_rate": 3e-3, "batch_size": 8},
+    )  # fmt: skip
+    assert main(["joint", str(cfg), *overrides]) == 0
+    out = tmp_path / name / "baselines" / "joint"
+    return load_file(out / "model" / "model.safetensors"), json.loads(
+        (out / "manifest.json").read_text()
+    )
+
+
+def test_speed_levers_train_the_same_weights(tmp_path, mixture_specs, tiny_base, capsys):
+    """Gradient checkpointing and eager attention change how a branch is computed, not what:
+    the same experiment, the same steps, weights within float noise."""
+    plain, m = _joint(tmp_path, "plain", mixture_specs, tiny_base)
+    levers, m2 = _joint(tmp_path, "levers", mixture_specs, tiny_base,
+                        "training.gradient_checkpointing=true", "model.attn_implementation=eager")  # fmt: skip
+    said = capsys.readouterr().err
+    assert "joint: 1 process(es) on cpu, one process, float32 weights, no autocast" in said
+    assert "gradient checkpointing, answer-only logits" in said
+    assert m2["training"] == m["training"] and m2["steps"] == m["steps"]
+    for name, t in plain.items():
+        torch.testing.assert_close(levers[name], t, rtol=0, atol=1e-5)
+
+
+def test_max_steps_trains_each_branch_that_many_steps_and_merges(
+    tmp_path, mixture_specs, tiny_base
+):
+    cfg = write_run_config(
+        tmp_path / "run.yaml", tmp_path / "run", mixture_specs, tiny_base,
+        training={"learning_rate": 3e-3, "batch_size": 4, "max_steps": 5},
+    )  # fmt: skip
+    assert main(["merge", str(cfg)]) != 0  # nothing trained yet: the merge never trains
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    plan = json.loads((run / "plan.json").read_text())
+    k = len(plan["groups"])
+    branches = [json.loads(p.read_text()) for p in sorted(run.glob("branches/*/manifest.json"))]
+    joint = json.loads((run / "baselines" / "joint" / "manifest.json").read_text())
+    assert [b["steps"] for b in branches] == [5] * k
+    assert joint["steps"] == 5 * k  # the joint baseline: the same examples as all K branches
+    assert all(b["tokens_seen"] == b["tokens_scheduled"] for b in branches)
+    assert main(["merge", str(cfg)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.distributed=deepspeed", "needs the deepspeed package"),
+        ("training.liger_kernel=true", "needs the liger-kernel package"),
+        ("model.attn_implementation=flash_attention_2", "needs the flash-attn package"),
+        ("training.extra={bogus: 1}", "training.extra.bogus: not a field of trl's SFTConfig"),
+        ("training.extra={learning_rate: 1}", "set training.learning_rate instead"),
+        ("training.extra={gradient_checkpointing: true}", "set training.gradient_checkpointing"),
+    ],
+)
+def test_levers_this_machine_lacks_are_one_line_errors(
+    tmp_path, mixture_specs, tiny_base, capsys, override, message
+):
+    cfg = write_run_config(tmp_path / "run.yaml", tmp_path / "run", mixture_specs, tiny_base)
+    capsys.readouterr()
+    assert main(["train", str(cfg), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -51,14 +51,21 @@ class Shape:
     layers: int
     heads: int
     vocab: int
-    weight_bytes: int  # bytes per value of θ0's weights (bf16 = 2, fp32 = 4)
+    precision: str  # training.precision on a GPU: fp32, bf16 or bf16-mixed
     lora: bool
     batch: int
     length: int
+    checkpointing: bool = False  # training.gradient_checkpointing
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per value of the weights the GPU computes with (16-bit unless fp32)."""
+        return 4 if self.precision == "fp32" else 2
 
     @property
     def mixed(self) -> bool:
-        return self.weight_bytes < 4
+        """fp32 master weights beside the 16-bit compute (bf16-mixed)."""
+        return self.precision == "bf16-mixed"
 
 
 @dataclass(frozen=True)
@@ -119,11 +126,9 @@ def lora_parameters(model, r: int, targets: list[str] | str) -> int:
     return n
 
 
-def _weight_bytes(cfg: RunConfig, model) -> int:
-    """θ0's training dtype: ``model.dtype``, or for ``auto`` the checkpoint's (what a GPU loads)."""
-    name = cfg.model.dtype
-    dtype = model.dtype if name == "auto" else getattr(torch, name)
-    return torch.finfo(dtype).bits // 8
+def gpu_precision(cfg: RunConfig) -> str:
+    """The precision a branch trains in on a GPU: ``training.precision``, auto = bf16-mixed."""
+    return "bf16-mixed" if cfg.training.precision == "auto" else cfg.training.precision
 
 
 def model_shape(model_dir: str | Path, cfg: RunConfig) -> Shape:
@@ -147,10 +152,11 @@ def model_shape(model_dir: str | Path, cfg: RunConfig) -> Shape:
         layers=text.num_hidden_layers,
         heads=text.num_attention_heads,
         vocab=text.vocab_size,
-        weight_bytes=_weight_bytes(cfg, model),
+        precision=gpu_precision(cfg),
         lora=lora is not None,
         batch=cfg.training.batch_size,
         length=cfg.model.max_length,
+        checkpointing=cfg.training.gradient_checkpointing,
     )
 
 
@@ -159,14 +165,19 @@ def activation_bytes(shape: Shape, batch: int) -> float:
 
     Per decoder layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit without recomputation (Korthikanti
     et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 2: s tokens,
-    b examples, h hidden size, a heads), twice that in fp32; plus the logits b·s·vocab in fp32
-    (the loss upcasts them). Gradient checkpointing is off in merit (``training.extra`` may not
-    turn it on), so nothing is recomputed.
+    b examples, h hidden size, a heads), twice that in fp32. With gradient checkpointing each
+    layer keeps only its input (s·b·h values) and one layer at a time recomputes the rest. Plus
+    the logits b·s·vocab in fp32 (an upper bound: merit and TRL's fused head project only
+    answer positions).
     """
     s, h, a = shape.length, shape.hidden, shape.heads
     per_layer = s * batch * h * (34 + 5 * a * s / h)
-    scale = 1 if shape.mixed else 2
-    return shape.layers * per_layer * scale + batch * s * shape.vocab * 4
+    scale = 2 if shape.precision == "fp32" else 1
+    if shape.checkpointing:
+        kept = shape.layers * s * batch * h * 2 * scale + per_layer * scale
+    else:
+        kept = shape.layers * per_layer * scale
+    return kept + batch * s * shape.vocab * 4
 
 
 def row(shape: Shape, strategy: str, gpus: int) -> Row:
@@ -182,7 +193,9 @@ def row(shape: Shape, strategy: str, gpus: int) -> Row:
         weights = shape.params * shape.weight_bytes
         grads = shape.trainable * shape.weight_bytes
         master = MASTER_BYTES if shape.mixed else 0
-        optimizer = shape.trainable * (ADAM_BYTES + master)
+        # Pure bf16: torch's AdamW keeps its moments in the parameters' dtype.
+        moments = ADAM_BYTES if shape.precision != "bf16" else ADAM_BYTES // 2
+        optimizer = shape.trainable * (moments + master)
     return Row(
         strategy,
         gpus,
@@ -202,8 +215,13 @@ def rows(shape: Shape, gpu_counts: tuple[int, ...] = GPU_COUNTS) -> list[Row]:
 
 
 def advice(shape: Shape, r: Row, limit: float) -> str:
-    """What would make ``r`` fit in ``limit`` bytes: more GPUs sharding the states, a smaller
-    batch, or a shorter length, each computed from the same estimate."""
+    """What would make ``r`` fit in ``limit`` bytes: gradient checkpointing, more GPUs sharding
+    the states, a smaller batch, or a shorter length, each computed from the same estimate."""
+    # Recomputing activations costs time but no GPUs: asked first.
+    if not shape.checkpointing:
+        recompute = replace(shape, checkpointing=True)
+        if row(recompute, r.strategy, r.gpus).total <= limit:
+            return "fits with training.gradient_checkpointing=true"
     strategy = r.strategy if r.strategy in SHARDED else "FSDP"
     for n in (2, 4, 8, 16, 32, 64):
         more = n > r.gpus or strategy != r.strategy
@@ -225,8 +243,11 @@ def advice(shape: Shape, r: Row, limit: float) -> str:
 def report(shape: Shape, model_dir: str | Path, gpu_memory_gib: float = 80.0) -> str:
     """The table ``merit train --estimate`` prints (GiB per GPU) and a fit line per row."""
     limit = gpu_memory_gib * GIB
-    dtype = {2: "16-bit", 4: "fp32"}.get(shape.weight_bytes, f"{shape.weight_bytes}-byte")
-    states = "AdamW fp32 moments" + (" + fp32 master weights" if shape.mixed else "")
+    dtype = f"training.precision {shape.precision}"
+    moments = "bf16" if shape.precision == "bf16" else "fp32"
+    states = f"AdamW {moments} moments" + (" + fp32 master weights" if shape.mixed else "")
+    if shape.checkpointing:
+        states += ", gradient checkpointing"
     kind = "LoRA adapters" if shape.lora else "trainable"
     lines = [
         f"θ0 {model_dir}: {shape.params / 1e9:.2f} B parameters, {shape.trainable / 1e9:.3g} B "
@@ -251,3 +272,14 @@ def report(shape: Shape, model_dir: str | Path, gpu_memory_gib: float = 80.0) ->
 def estimate(model_dir: str | Path, cfg: RunConfig, gpu_memory_gib: float = 80.0) -> str:
     """The printed estimate for a run config's branch on θ0 at ``model_dir``."""
     return report(model_shape(model_dir, cfg), model_dir, gpu_memory_gib)
+
+
+def branch_line(model_dir: str | Path, cfg: RunConfig, processes: int) -> str:
+    """The estimate of one branch as it starts on ``processes`` GPUs, in one line."""
+    how = cfg.training.distributed if processes > 1 else "none"
+    strategy = {"fsdp": "FSDP", "deepspeed": "ZeRO-3"}.get(how, "DDP")
+    r = row(model_shape(model_dir, cfg), strategy, processes)
+    parts = zip(("weights", "gradients", "optimizer", "activations"),
+                (r.weights, r.grads, r.optimizer, r.activations))  # fmt: skip
+    each = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts)
+    return f"estimated GiB per GPU ({r.name}): {each}; total {r.total / GIB:.1f}"

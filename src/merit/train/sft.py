@@ -391,24 +391,22 @@ def _fit(
 
 
 def _say_placement(trainer, label: str, say) -> None:
-    """Where the branch trains: its processes, how they share it, its precision."""
+    """Where the branch trains: its processes, how they share it, its precision and levers."""
     acc = trainer.accelerator
     if not acc.is_main_process:
         return
-    how = (
-        "fsdp"
-        if trainer.is_fsdp_enabled
-        else "deepspeed"
-        if trainer.is_deepspeed_enabled
-        else ("ddp" if acc.num_processes > 1 else "one process")
-    )
-    mixed = {"bf16": "bf16 autocast", "no": "no autocast"}.get(
-        acc.mixed_precision, acc.mixed_precision
-    )
+    how = "ddp" if acc.num_processes > 1 else "one process"
+    how = "deepspeed" if trainer.is_deepspeed_enabled else how
+    how = "fsdp" if trainer.is_fsdp_enabled else how
+    mixed = {"bf16": "bf16 autocast", "no": "no autocast"}.get(acc.mixed_precision)
     dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
-    say(
-        f"{label}: {acc.num_processes} process(es) on {acc.device.type}, {how}, {dtype} weights, {mixed}"
-    )
+    levers = [f"{acc.num_processes} process(es) on {acc.device.type}", how, f"{dtype} weights"]
+    levers.append(mixed or f"{acc.mixed_precision} autocast")
+    if trainer.args.gradient_checkpointing:
+        levers.append("gradient checkpointing")
+    if getattr(trainer, "merit_answer_only", False):
+        levers.append("answer-only logits")
+    say(f"{label}: " + ", ".join(levers))
 
 
 def _result(state, records, order, tokens_seen: int, resume, dropped) -> TrainResult:

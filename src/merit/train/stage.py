@@ -30,6 +30,7 @@ from merit.plan.stage import Plan, plan_hash
 from merit.run import RunPaths
 from merit.train import launchers as orch
 from merit.train.artifact import BranchManifest, Trained
+from merit.train.estimate import branch_line
 from merit.train.launchers import LaunchError
 from merit.train.processes import ranks_to_start, run_ranks
 from merit.train.sft import Preempted, check_levers, train_dtype, train_sft, world_size
@@ -142,6 +143,8 @@ def _load_for_training(run: Context):
     the CPU, which ``fully_shard`` moves to the device shard by shard."""
     tc = run.cfg.training
     check_levers(tc, run.device)
+    if run.device.type == "cuda" and _main_process():
+        run.say(f"{branch_line(run.base.dir, run.cfg, world_size())} (merit train --estimate)")
     sharded = tc.distributed == "fsdp" and world_size() > 1 and run.device.type != "cpu"
     device = torch.device("cpu") if sharded else run.device
     return run.base.load(dtype=train_dtype(tc, run.device), device=device)

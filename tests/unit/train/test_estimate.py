@@ -11,7 +11,15 @@ import pytest
 
 from merit import commands
 from merit.config import load_config
-from merit.train.estimate import GIB, activation_bytes, model_shape, rows
+from merit.train.estimate import (
+    GIB,
+    activation_bytes,
+    advice,
+    branch_line,
+    model_shape,
+    row,
+    rows,
+)
 from tiny_runs import write_run_config
 
 # Qwen2.5-7B's published config (the sizes that matter; no weights).
@@ -70,7 +78,7 @@ def test_qwen25_7b_estimate_from_config_alone(tmp_path, mixture_specs, capsys):
 
     shape = model_shape(base, load_config(cfg, []))
     assert shape.params == pytest.approx(7.6e9, rel=0.02)
-    assert shape.trainable == shape.params and shape.weight_bytes == 2
+    assert shape.trainable == shape.params and shape.weight_bytes == 2 and shape.mixed
     by_name = {r.name: r for r in rows(shape)}
     assert by_name["DDP×1"].total > 80 * GIB
     assert by_name["FSDP×8"].total < 80 * GIB and by_name["ZeRO-3×8"].total < 80 * GIB
@@ -86,10 +94,11 @@ def test_estimate_advice_is_computed(tmp_path, mixture_specs, capsys):
     cfg = write_run_config(
         tmp_path / "run.yaml", tmp_path / "run", mixture_specs, base, training={"batch_size": 16}
     )
-    args = ["train", str(cfg), "--estimate", "--gpu-memory", "40", "model.max_length=4096"]
+    args = ["train", str(cfg), "--estimate", "--gpu-memory", "40", "model.max_length=16384",
+            "training.gradient_checkpointing=true"]  # fmt: skip
     assert commands.main(args) == 0
     out = capsys.readouterr().out
-    # 16 sequences of 4096 tokens do not fit in 40 GiB however the states are sharded.
+    # 16 sequences of 16k tokens do not fit in 40 GiB however the states are sharded.
     assert "FSDP×8: does not fit: reduce training.batch_size to" in out
 
 
@@ -113,7 +122,7 @@ def test_estimate_matches_a_cpu_training_step(tmp_path, tiny_base, mixture_specs
         mixture_specs,
         tiny_base,
         model={"max_length": length, "dtype": "float32"},
-        training={"batch_size": large},
+        training={"batch_size": large, "precision": "fp32"},
     )
     shape = model_shape(tiny_base, load_config(cfg, []))
     assert shape.weight_bytes == 4
@@ -126,3 +135,24 @@ def test_estimate_matches_a_cpu_training_step(tmp_path, tiny_base, mixture_specs
 
     assert 0.7 < estimated / measured < 1.5, (estimated, measured)
     assert 0.7 < estimated_diff / measured_diff < 1.6, (estimated_diff, measured_diff)
+
+
+def test_levers_in_the_estimate(tmp_path, mixture_specs):
+    """Gradient checkpointing keeps a layer's input per layer, pure bf16 halves the states, and
+    the line a branch prints on a GPU is the row of its own strategy and GPU count."""
+    base = tmp_path / "qwen2.5-7b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(QWEN25_7B))
+    cfg = write_run_config(tmp_path / "run.yaml", tmp_path / "run", mixture_specs, base,
+                           model={"max_length": 4096}, training={"batch_size": 8})  # fmt: skip
+    plain = load_config(cfg, [])
+    recompute = load_config(cfg, ["training.gradient_checkpointing=true"])
+    a, b = model_shape(base, plain), model_shape(base, recompute)
+    assert activation_bytes(b, 1) < activation_bytes(a, 1) / 4
+    assert "fits with training.gradient_checkpointing=true" in advice(
+        a, row(a, "FSDP", 8), 80 * GIB
+    )
+    bf16 = model_shape(base, load_config(cfg, ["training.precision=bf16"]))
+    assert row(bf16, "DDP", 1).optimizer == row(a, "DDP", 1).optimizer / 3  # 4 vs 8 + 4 bytes
+    line = branch_line(base, load_config(cfg, ["training.distributed=fsdp"]), 8)
+    assert line.startswith("estimated GiB per GPU (FSDP×8): weights 1.8,")
