@@ -249,6 +249,32 @@ def test_ray_two_node_cluster_survives_losing_a_node(planned, monkeypatch):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_ray_train_runs_each_branch_as_two_workers(planned):
+    """``runtime.launcher=ray`` with 2 processes per branch: each branch is a Ray Train job of 2
+    CPU workers (gloo). A worker killed mid-branch fails the attempt; Ray Train restarts both
+    ranks, which resume from the sealed checkpoint to the weights of one uninterrupted process."""
+    pytest.importorskip("ray.train.torch")
+    run = _copy(planned, "ray-train")
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    try:
+        proc = _merit("train", str(planned["cfg"]), f"run_dir={run}", "--launcher", "ray",
+                      "runtime.resources.gpus_per_node=2", "runtime.branch_cpus=0.5", env=env)  # fmt: skip
+        p = _wait_step(run, 0, 6, proc)
+        sealed = (run / "branches" / "branch-0").glob(f"trainer/checkpoint-*/{CHECKPOINT_MARKER}")
+        assert any(sealed) and p["step"] < p["max_steps"]
+        os.kill(p["pid"], signal.SIGKILL)  # rank 0's Ray worker process
+        out, err = proc.communicate(timeout=600)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert proc.returncode == 0, (out + err)[-4000:]
+    assert "branch 0: 2 Ray Train workers (CPU, gloo)" in out + err
+    m = json.loads((run / "branches" / "branch-0" / "manifest.json").read_text())
+    assert m["resumed_from_step"] is not None and m["resumed_from_step"] > 0
+    _same_branch(planned, run, atol=1e-5)
+
+
 def test_merge_refuses_listing_every_problem(planned, capsys):
     run = planned["root"] / "refuse"
     shutil.rmtree(run, ignore_errors=True)

@@ -33,6 +33,7 @@ from merit.train.artifact import BranchManifest, Trained
 from merit.train.estimate import branch_line
 from merit.train.launchers import LaunchError
 from merit.train.processes import ranks_to_start, run_ranks
+from merit.train.ray_train import run_ray_train
 from merit.train.sft import Preempted, check_levers, train_dtype, train_sft, world_size
 
 READS = EXPERIMENT
@@ -337,8 +338,10 @@ def run_jobs(run: Context, plan: Plan, todo: list[Job], one: bool = False) -> li
     """Train ``todo`` from θ0, each idempotently: here, one after another, when ``one`` job was
     asked for or ``runtime.launcher`` is inline; else as their own ``merit train`` processes
     through the local launcher (``runtime.parallel`` at once) or Ray."""
-    if one or run.cfg.runtime.launcher == "inline" or len(todo) < 2:
-        res = run.cfg.runtime.resources
+    rt = run.cfg.runtime
+    ray_train = rt.launcher == "ray" and rt.resources.processes > 1
+    if one or rt.launcher == "inline" or (len(todo) < 2 and not ray_train):
+        res = rt.resources
         if ranks := ranks_to_start(res.processes, res.nodes):
             return [_train_ranks(run, plan, job, ranks) for job in todo]
         return [_train_one(run, plan, job) for job in todo]
@@ -383,6 +386,11 @@ def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
     with run.timed(f"train ({rt.launcher} launcher)"):
         if rt.launcher == "local":
             orch.run_local(launch, rt.parallel, threads, rt.retries, say=run.say)
+        elif rt.resources.processes > 1:  # each branch a Ray Train job, a worker per GPU
+            res = rt.resources
+            workers, gpus = res.processes, res.gpus_per_node > 0
+            run_ray_train(launch, workers, gpus, rt.branch_cpus, rt.retries, rt.ray_address,
+                          say=run.say)  # fmt: skip
         else:
             orch.run_ray(
                 launch,
