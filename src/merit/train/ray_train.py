@@ -26,13 +26,21 @@ class RankFailed(RuntimeError):
 
 def branch_worker(config: dict) -> None:
     """One Ray Train worker: one rank of the branch command (``config["argv"]``, the arguments
-    after ``merit``), in this process, in the group Ray Train set up."""
+    after ``merit``), in this process, in the group Ray Train set up: ``python -m merit.cli``
+    run in-process, as the other launchers run it in a subprocess."""
     import os
-
-    from merit.cli import main
+    import runpy
+    import sys
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rc = main(list(config["argv"]))
+    saved, sys.argv = sys.argv, ["merit", *config["argv"]]
+    try:
+        runpy.run_module("merit.cli", run_name="__main__")
+        rc = EXIT_OK
+    except SystemExit as done:
+        rc = done.code if isinstance(done.code, int) else EXIT_OK if done.code is None else 1
+    finally:
+        sys.argv = saved
     if rc != EXIT_OK:
         why = "preempted (checkpoint saved)" if rc == EXIT_PREEMPTED else f"exit code {rc}"
         raise RankFailed(f"{config['label']}: {why}")

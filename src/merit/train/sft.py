@@ -332,19 +332,9 @@ def train_sft(
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     order = schedule([len(r.input_ids) for r in records], per_step, cfg.epochs, cfg.seed, max_steps)
     trainer_dir = out_dir / "trainer"
-    args = sft_config(
-        cfg,
-        trainer_dir,
-        p0.device,
-        max_length,
-        len(order),
-        progress,
-        checkpoint_steps=checkpoint_steps,
-        keep_checkpoints=keep_checkpoints,
-        vision=examples is not None,
-        report_to=report_to,
-        layers=fsdp_layers(model),
-    )
+    args = sft_config(cfg, trainer_dir, p0.device, max_length, len(order), progress,
+                      checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints,
+                      vision=examples is not None, report_to=report_to, layers=fsdp_layers(model))  # fmt: skip
     if world_size() > 1 and (why := sharding_refused(cfg, p0.device)):
         say(why)
     resume, tokens_start, dropped = (
