@@ -243,7 +243,7 @@ def advice(shape: Shape, r: Row, limit: float) -> str:
 def report(shape: Shape, model_dir: str | Path, gpu_memory_gib: float = 80.0) -> str:
     """The table ``merit train --estimate`` prints (GiB per GPU) and a fit line per row."""
     limit = gpu_memory_gib * GIB
-    dtype = f"training.precision {shape.precision}"
+    dtype = f"training.precision {shape.precision} ({shape.weight_bytes * 8}-bit compute)"
     moments = "bf16" if shape.precision == "bf16" else "fp32"
     states = f"AdamW {moments} moments" + (" + fp32 master weights" if shape.mixed else "")
     if shape.checkpointing:
@@ -251,7 +251,7 @@ def report(shape: Shape, model_dir: str | Path, gpu_memory_gib: float = 80.0) ->
     kind = "LoRA adapters" if shape.lora else "trainable"
     lines = [
         f"θ0 {model_dir}: {shape.params / 1e9:.2f} B parameters, {shape.trainable / 1e9:.3g} B "
-        f"{kind}; {dtype} weights, {states}",
+        f"{kind}; {dtype}, {states}",
         f"training.batch_size {shape.batch} (split across GPUs), model.max_length "
         f"{shape.length}; GiB per GPU, {gpu_memory_gib:g} GiB each:",
         f"{'setup':<10}{'weights':>9}{'grads':>9}{'optimizer':>11}{'activations':>13}{'total':>9}",
