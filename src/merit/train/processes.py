@@ -29,6 +29,13 @@ def ranks_to_start(processes: int, nodes: int) -> int:
             f"runtime.resources asks for {nodes} nodes: start the branch on them with "
             "`merit train CONFIG --print-commands slurm` (or skypilot), not from one machine"
         )
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < processes:  # without GPUs the ranks are CPU processes over gloo
+        raise LaunchError(
+            f"runtime.resources.gpus_per_node={processes} but this machine has {gpus} GPUs"
+        )
     return processes
 
 

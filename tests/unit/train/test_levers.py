@@ -14,7 +14,13 @@ from merit.lm import IGNORE, load_model, load_tokenizer
 from merit.train.launchers import LaunchError
 from merit.train.logits import answer_only_applies, answer_positions
 from merit.train.processes import ranks_to_start
-from merit.train.sft import check_levers, sft_config, train_dtype, trainer_class
+from merit.train.sft import (
+    check_levers,
+    deepspeed_config,
+    sft_config,
+    train_dtype,
+    trainer_class,
+)
 
 
 def _batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -118,3 +124,27 @@ def test_a_branch_starts_its_ranks_unless_it_is_one(monkeypatch):
         ranks_to_start(16, 2)
     monkeypatch.setenv("WORLD_SIZE", "4")  # already a rank of torchrun / accelerate / srun
     assert ranks_to_start(4, 1) == 0 and ranks_to_start(16, 2) == 0
+
+
+def test_shipped_accelerate_and_deepspeed_configs_load(tmp_path):
+    """The templates under configs/ are what accelerate and the Trainer read."""
+    import json
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = Path(__file__).resolve().parents[3] / "configs"
+    one = ClusterConfig.from_yaml_file(root / "accelerate" / "one-node.yaml")
+    two = ClusterConfig.from_yaml_file(root / "accelerate" / "two-nodes.yaml")
+    assert (one.num_processes, one.num_machines) == (8, 1)
+    assert (two.num_processes, two.num_machines) == (16, 2)
+    for stage in (2, 3):
+        shipped = Path(deepspeed_config(f"zero{stage}"))
+        assert shipped.read_bytes() == (root / "deepspeed" / f"zero{stage}.json").read_bytes()
+        ds = json.loads(shipped.read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["train_micro_batch_size_per_gpu"] == "auto"  # the Trainer fills in merit's
+    assert json.loads(Path(deepspeed_config("zero3")).read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"
+    ]  # the branch is saved as full 16-bit weights
+    assert deepspeed_config(str(tmp_path / "mine.json")) == str(tmp_path / "mine.json")
