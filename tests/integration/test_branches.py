@@ -167,8 +167,9 @@ def test_local_launcher_parallel_retries_a_crashed_branch(planned):
     os.kill(p["pid"], signal.SIGKILL)  # a branch process crashes mid-training
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "branch 1: crashed (exit -9); re-running" in out
-    assert "branch 0 done | branch 1 done" in out  # the progress line of both branches
+    said = out + err  # merit's messages go to stderr
+    assert "branch 1: crashed (exit -9); re-running" in said
+    assert "branch 0 done | branch 1 done" in said  # the progress line of both branches
     assert _weights(run, 0) == planned["ref"][0]
     assert _weights(run, 1) == planned["ref"][1]
 
