@@ -8,8 +8,7 @@ just "run these commands until each exits 0":
 
 - :func:`run_local`: subprocesses on this machine, ``parallel`` at once, each with its own thread
   budget, re-run on exit 75 or a crash;
-- :func:`run_ray`: one Ray task per branch (CPU/GPU/memory requests), retried by Ray when its node
-  dies or it exits 75/crashes; the driver skips branches that are already done;
+- :mod:`merit.train.ray_train`: Ray tasks, or Ray Train jobs for branches of several GPUs;
 - :func:`print_commands`: the same commands as a shell list, a SLURM job array or SkyPilot
   managed jobs (``examples/`` has the templates), for schedulers merit does not drive; each
   branch asks for ``runtime.resources`` and runs under ``torchrun`` when it has several GPUs.
@@ -30,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merit.artifacts import write_json
 from merit.sections.stages import ResourcesConfig
 
 EXIT_OK = 0
@@ -217,114 +215,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-# -- Ray ---------------------------------------------------------------------------------------
-class BranchNotDone(RuntimeError):
-    """A branch task exited 75 (preempted) or crashed: Ray retries it."""
-
-
-def _ray_branch(argv: list[str], out_dir: str, env: dict[str, str], cwd: str) -> int:
-    """Body of a Ray task: run the branch command on whatever node Ray chose."""
-    import ray
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = ray.get_runtime_context()
-    info = {"node_id": ctx.get_node_id(), "pid": os.getpid(), "started": time.time()}
-    write_json(out / LAUNCH_FILE, info, indent=None)
-    with open(out / "launch.log", "ab") as log:
-        proc = subprocess.run(
-            argv,
-            env={**os.environ, **env},
-            cwd=cwd if Path(cwd).is_dir() else None,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-            check=False,
-        )
-    if proc.returncode in (EXIT_OK, EXIT_USAGE):
-        return proc.returncode
-    raise BranchNotDone(f"exit code {proc.returncode}")
-
-
-def run_ray(
-    jobs: Sequence[Job],
-    address: str | None = None,
-    cpus: float = 1.0,
-    gpus: float = 0.0,
-    memory_gb: float | None = None,
-    threads: int | None = None,
-    retries: int = 3,
-    say: Callable[[str], None] = print,
-    poll: float = 2.0,
-) -> list[JobResult]:
-    """One Ray task per unfinished job; Ray retries a task whose node died or that exited 75.
-
-    ``address`` None starts a local Ray instance (``ray.init()``); otherwise it connects to an
-    existing cluster (``auto``, ``ray://host:10001`` or ``host:6379``). Every node must see the
-    run directory at the same path (shared storage) and have merit installed. Re-submitting the
-    driver only runs what is missing: finished branches are skipped here, and a branch command
-    returns at once if its manifest is valid.
-    """
-    import ray
-
-    pending = [j for j in jobs if not j.done()]
-    for j in jobs:
-        if j not in pending:
-            say(f"{j.label}: already trained, skipping")
-    if not pending:
-        return []
-    started_here = not ray.is_initialized()
-    if started_here:
-        # A local instance (no address) listens on loopback only.
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
-    try:
-        task = ray.remote(_ray_branch).options(
-            num_cpus=cpus,
-            num_gpus=gpus,
-            memory=int(memory_gb * 1024**3) if memory_gb else None,
-            max_retries=retries,
-            retry_exceptions=[BranchNotDone],
-        )
-        env = {k: v for k, v in thread_env(threads).items() if k.endswith("_THREADS")}
-        env["TOKENIZERS_PARALLELISM"] = "false"
-        refs = {}
-        t0 = time.perf_counter()
-        for job in pending:
-            refs[task.remote(job.argv, str(job.out_dir), env, os.getcwd())] = job
-        states = {j.label: ("done" if j not in pending else "running") for j in jobs}
-        return _await_ray(ray, refs, jobs, states, t0, say, poll)
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _await_ray(ray, refs: dict, jobs: Sequence[Job], states: dict[str, str], t0: float, say, poll):
-    """Wait for every task of ``refs`` (object ref → job), saying the progress line when it
-    changes; a task that failed for good (out of retries, or exit 2) is a :class:`LaunchError`."""
-    results = []
-    last_line = ""
-    waiting = list(refs)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1, timeout=poll)
-        for ref in ready:
-            job = refs[ref]
-            try:
-                rc = ray.get(ref)
-            except Exception as err:  # a task that ran out of retries
-                raise LaunchError(f"{job.label} failed: {err}") from None
-            if rc != EXIT_OK:
-                tail = _tail(job.out_dir / "launch.log")
-                raise LaunchError(f"{job.label} failed with exit code {rc}:\n{tail}")
-            states[job.label] = "done"
-            results.append(JobResult(job.label, rc, 0, time.perf_counter() - t0))
-        line = progress_line(jobs, states)
-        if line != last_line:
-            say(line)
-            last_line = line
-    return results
-
-
 # -- commands for other schedulers --------------------------------------------------------------
 def shell_commands(jobs: Sequence[Job]) -> str:
     return "\n".join(shlex.join(j.argv) for j in jobs)
@@ -495,5 +385,4 @@ __all__ = [
     "LaunchError",
     "print_commands",
     "run_local",
-    "run_ray",
 ]

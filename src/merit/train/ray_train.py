@@ -1,23 +1,41 @@
-"""A branch of several processes on a Ray cluster: Ray Train's ``TorchTrainer``, one worker per GPU.
+"""Branches on a Ray cluster: a Ray task per one-process branch, a Ray Train job per larger one.
 
-A one-process branch is a plain Ray task (:func:`merit.train.launchers.run_ray`). A branch that
-asks for more (``runtime.resources``: nodes × gpus_per_node > 1) runs as a Ray Train job: Ray
-places its workers (a GPU each, or CPU workers over gloo where the cluster has no GPUs), sets up
-their process group and the ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` variables, and every worker
-runs the branch's own ``merit train ... --branch k`` command in-process, as one rank of it. A
-worker that fails (its node lost, or preempted: exit 75 after the checkpoint) fails the attempt;
-Ray Train restarts the whole group (``FailureConfig``, ``runtime.retries`` times) and the ranks
-resume from the newest sealed checkpoint, so the weights are those of an uninterrupted run.
-Branches run side by side, each in its own driver thread.
+A one-process branch is a Ray task that runs the branch command (:func:`run_ray`); Ray retries a
+task whose node died or that exited 75, and the branch resumes from its checkpoint. A branch that
+asks for more (``runtime.resources``: nodes × gpus_per_node > 1) runs as a Ray Train job
+(:func:`run_ray_train`): Ray places its workers (a GPU each, or CPU workers over gloo where the
+cluster has no GPUs), sets up their process group and the ``RANK`` / ``LOCAL_RANK`` /
+``WORLD_SIZE`` variables, and every worker runs the branch's own ``merit train ... --branch k``
+command in-process, as one rank of it. A worker that fails (its node lost, or preempted: exit 75
+after the checkpoint) fails the attempt; Ray Train restarts the whole group (``FailureConfig``,
+``runtime.retries`` times) and the ranks resume from the newest sealed checkpoint, so the weights
+are those of an uninterrupted run. Branches run side by side, each in its own driver thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from merit.train.launchers import EXIT_OK, EXIT_PREEMPTED, Job, JobResult, LaunchError
+from merit.artifacts import write_json
+from merit.train.launchers import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    LAUNCH_FILE,
+    Job,
+    JobResult,
+    LaunchError,
+    _die_with_parent,
+    _tail,
+    progress_line,
+    thread_env,
+)
 
 
 class RankFailed(RuntimeError):
@@ -92,19 +110,10 @@ def run_ray_train(
     say: Callable[[str], None] = print,
 ) -> list[JobResult]:
     """Every unfinished job as a Ray Train job of ``workers`` ranks, side by side."""
-    import ray
-
-    pending = [j for j in jobs if not j.done()]
-    for j in jobs:
-        if j not in pending:
-            say(f"{j.label}: already trained, skipping")
+    pending = pending_jobs(jobs, say)
     if not pending:
         return []
-    started_here = not ray.is_initialized()
-    if started_here:
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
-    try:
+    with ray_session(address) as ray:
         if gpus and not ray.cluster_resources().get("GPU"):
             say("the Ray cluster has no GPUs: each branch's workers train on CPU over gloo")
             gpus = False
@@ -113,6 +122,124 @@ def run_ray_train(
         with ThreadPoolExecutor(len(pending)) as pool:
             futures = [pool.submit(_fit, j, workers, gpus, cpus, retries) for j in pending]
             return [f.result() for f in futures]
+
+
+# -- one-process branches: Ray tasks --------------------------------------------------------
+class BranchNotDone(RuntimeError):
+    """A branch task exited 75 (preempted) or crashed: Ray retries it."""
+
+
+def _ray_branch(argv: list[str], out_dir: str, env: dict[str, str], cwd: str) -> int:
+    """Body of a Ray task: run the branch command on whatever node Ray chose."""
+    import ray
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = ray.get_runtime_context()
+    info = {"node_id": ctx.get_node_id(), "pid": os.getpid(), "started": time.time()}
+    write_json(out / LAUNCH_FILE, info, indent=None)
+    with open(out / "launch.log", "ab") as log:
+        proc = subprocess.run(
+            argv,
+            env={**os.environ, **env},
+            cwd=cwd if Path(cwd).is_dir() else None,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            check=False,
+        )
+    if proc.returncode in (EXIT_OK, EXIT_USAGE):
+        return proc.returncode
+    raise BranchNotDone(f"exit code {proc.returncode}")
+
+
+def run_ray(
+    jobs: Sequence[Job],
+    address: str | None = None,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    memory_gb: float | None = None,
+    threads: int | None = None,
+    retries: int = 3,
+    say: Callable[[str], None] = print,
+    poll: float = 2.0,
+) -> list[JobResult]:
+    """One Ray task per unfinished job; Ray retries a task whose node died or that exited 75.
+
+    ``address`` None starts a local Ray instance (``ray.init()``); otherwise it connects to an
+    existing cluster (``auto``, ``ray://host:10001`` or ``host:6379``). Every node must see the
+    run directory at the same path (shared storage) and have merit installed. Re-submitting the
+    driver only runs what is missing: finished branches are skipped here, and a branch command
+    returns at once if its manifest is valid.
+    """
+    pending = pending_jobs(jobs, say)
+    if not pending:
+        return []
+    with ray_session(address) as ray:
+        task = ray.remote(_ray_branch).options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            memory=int(memory_gb * 1024**3) if memory_gb else None,
+            max_retries=retries,
+            retry_exceptions=[BranchNotDone],
+        )
+        env = {k: v for k, v in thread_env(threads).items() if k.endswith("_THREADS")}
+        env["TOKENIZERS_PARALLELISM"] = "false"
+        refs = {}
+        t0 = time.perf_counter()
+        for job in pending:
+            refs[task.remote(job.argv, str(job.out_dir), env, os.getcwd())] = job
+        states = {j.label: ("done" if j not in pending else "running") for j in jobs}
+        return _await_ray(ray, refs, jobs, states, t0, say, poll)
+
+
+def pending_jobs(jobs: Sequence[Job], say: Callable[[str], None]) -> list[Job]:
+    """The jobs not done yet; each done one is said to be skipped."""
+    pending = [j for j in jobs if not j.done()]
+    for j in jobs:
+        if j not in pending:
+            say(f"{j.label}: already trained, skipping")
+    return pending
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray for the block: the cluster at ``address``, or a local instance (listening on
+    loopback only) started here and shut down after."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        yield ray
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _await_ray(ray, refs: dict, jobs: Sequence[Job], states: dict[str, str], t0: float, say, poll):
+    """Wait for every task of ``refs`` (object ref → job), saying the progress line when it
+    changes; a task that failed for good (out of retries, or exit 2) is a :class:`LaunchError`."""
+    results = []
+    last_line = ""
+    waiting = list(refs)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=poll)
+        for ref in ready:
+            job = refs[ref]
+            try:
+                rc = ray.get(ref)
+            except Exception as err:  # a task that ran out of retries
+                raise LaunchError(f"{job.label} failed: {err}") from None
+            if rc != EXIT_OK:
+                tail = _tail(job.out_dir / "launch.log")
+                raise LaunchError(f"{job.label} failed with exit code {rc}:\n{tail}")
+            states[job.label] = "done"
+            results.append(JobResult(job.label, rc, 0, time.perf_counter() - t0))
+        line = progress_line(jobs, states)
+        if line != last_line:
+            say(line)
+            last_line = line
+    return results

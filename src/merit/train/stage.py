@@ -33,7 +33,7 @@ from merit.train.artifact import BranchManifest, Trained
 from merit.train.estimate import branch_line
 from merit.train.launchers import LaunchError
 from merit.train.processes import ranks_to_start, run_ranks
-from merit.train.ray_train import run_ray_train
+from merit.train.ray_train import run_ray, run_ray_train
 from merit.train.sft import Preempted, check_levers, train_dtype, train_sft, world_size
 
 READS = EXPERIMENT
@@ -392,7 +392,7 @@ def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
             run_ray_train(launch, workers, gpus, rt.branch_cpus, rt.retries, rt.ray_address,
                           say=run.say)  # fmt: skip
         else:
-            orch.run_ray(
+            run_ray(
                 launch,
                 rt.ray_address,
                 rt.branch_cpus,
