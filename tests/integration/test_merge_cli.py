@@ -120,6 +120,34 @@ def test_task_vector_form(base, ckpts, tmp_path, capsys):
         torch.testing.assert_close(half[name].double(), t0 + 0.5 * delta, rtol=2**-8, atol=1e-6)
 
 
+def test_sparse_task_vector_merges_from_the_cli(base, ckpts, tmp_path, capsys):
+    """--method ties / dare_* / model_stock with --density, --scale and --seed; a density outside
+    (0, 1] or an option the method does not take is one line, exit 2, nothing written."""
+    argv = ["merge", "--base", str(base), *map(str, ckpts)]
+    ties = [*argv, "--method", "ties", "--density", "0.5", "--scale", "1.5"]
+    assert main([*ties, "--out", str(tmp_path / "ties")]) == 0
+    manifest = json.loads((tmp_path / "ties" / "merge_manifest.json").read_text())
+    assert manifest["method"] == "ties" and manifest["params"] == {"density": 0.5, "scale": 1.5}
+    dare = [*argv, "--method", "dare_ties", "--density", "0.5", "--seed", "3"]
+    assert main([*dare, "--out", str(tmp_path / "d1")]) == 0
+    assert main([*dare, "--out", str(tmp_path / "d2")]) == 0  # the same seed, the same bytes
+    assert (tmp_path / "d1/model.safetensors").read_bytes() == (
+        tmp_path / "d2/model.safetensors"
+    ).read_bytes()
+    assert main([*argv, "--method", "model_stock", "--out", str(tmp_path / "ms")]) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "bad")
+    assert main([*argv, "--method", "ties", "--density", "1.5", "--out", out]) == 2
+    assert "density must be in (0, 1]" in one_error_line(capsys)
+    assert main([*argv, "--density", "0.5", "--out", out]) == 2
+    assert "--density applies to --method ties or dare_linear or dare_ties" in one_error_line(
+        capsys
+    )
+    assert main([*argv, "--method", "nonesuch", "--out", out]) == 2
+    assert "nonesuch" in one_error_line(capsys)
+    assert not Path(out).exists()
+
+
 def test_task_vector_needs_base(ckpts, tmp_path, capsys):
     argv = ["merge", "--method", "task_vector", "--out", str(tmp_path / "o"), *map(str, ckpts)]
     assert main(argv) == 2

@@ -240,7 +240,8 @@ class MergeTerms:
         theta0 = wide.pop(0) if inputs.theta0 is not None else None
         stats = inputs.stats.result() if inputs.stats is not None else None
         assert w.spec.merge is not None  # a per-tensor method, by TensorInputs
-        merged = w.spec.merge(theta0, wide, w.weights, w.params, stats)
+        where = {"start": start} if w.spec.chunk_offset else {}
+        merged = w.spec.merge(theta0, wide, w.weights, w.params, stats, **where)
         if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != (n,):
             got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
             raise MergeError(f"method {w.method} returned {got} for a chunk of {n} elements")

@@ -60,6 +60,7 @@ class MergeManifest(Artifact):
     metadata: dict[str, Any]
     created_by: str
     format: str = MANIFEST_FORMAT
+    params: dict[str, float] = dataclasses.field(default_factory=dict)  # every method parameter
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``merge_manifest.json``, in its key order."""
@@ -72,6 +73,7 @@ class MergeManifest(Artifact):
             "normalized": self.normalized,
             "weights_from": self.weights_from,
             "scale": self.scale,
+            "params": dict(self.params),
             "coefficients": {"base": self.base_coefficient, "checkpoints": list(self.coefficients)},
             "accumulation": self.accumulation,
             "dtype": self.dtype,
@@ -97,13 +99,14 @@ class MergeManifest(Artifact):
             values = {
                 f.name: obj[f.name]
                 for f in dataclasses.fields(cls)
-                if f.name not in ("base_coefficient", "coefficients", "format", "stamp")
+                if f.name not in ("base_coefficient", "coefficients", "format", "stamp", "params")
             }
             values |= {
                 "base_coefficient": float(coefficients["base"]),
                 "coefficients": list(coefficients["checkpoints"]),
                 "format": obj.get("format", MANIFEST_FORMAT),
                 "stamp": obj.get("stamp") or {},
+                "params": dict(obj.get("params") or {}),
             }
             manifest = cls(**values)
             shapes = (manifest.inputs, manifest.outputs, manifest.metadata)

@@ -134,12 +134,17 @@ def _method_params(method: MergeMethod, args: argparse.Namespace) -> dict[str, f
             "from: the task vectors are θ_k − θ0)"
         )
     takes = {p.name for p in method.params}
-    if "scale" not in takes:
-        if args.scale != 1.0:
-            with_scale = [m.name for m in METHODS if any(p.name == "scale" for p in m.params)]
-            raise MergeError(f"--scale applies to --method {' or '.join(with_scale)} only")
-        return {}
-    return {"scale": args.scale}
+    given = {name: getattr(args, name) for name in _PARAM_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    for name in given:
+        if name not in takes:
+            users = [m.name for m in METHODS if any(p.name == name for p in m.params)]
+            raise MergeError(f"--{name} applies to --method {' or '.join(users)} only")
+    return given
+
+
+# Method parameters the standalone merge takes as options, each passed to the method by name.
+_PARAM_OPTIONS = ("scale", "density", "seed")
 
 
 def _weights(args: argparse.Namespace, k: int) -> tuple[list[float], str]:
@@ -189,7 +194,8 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
     p.usage = (
         "merit merge CONFIG [overrides ...]\n"
         "       merit merge --out DIR [--weights W1,W2,...] [--normalize] [--base DIR]\n"
-        "                   [--method METHOD] [--scale S] [--dtype DTYPE] CKPT ..."
+        "                   [--method METHOD] [--scale S] [--density P] [--seed N]\n"
+        "                   [--dtype DTYPE] CKPT ..."
     )
     p.description = (
         "With a run config: verify every branch, then θ̄ = Σ w_k θ_k with w_k = N_k / Σ N_j "
@@ -222,7 +228,11 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
         metavar="METHOD",
         help=methods_help(),
     )
-    g.add_argument("--scale", type=float, default=1.0, metavar="S", help="s (task_vector)")
+    g.add_argument("--scale", type=float, metavar="S", help="s or λ, the task vectors' multiple")
+    g.add_argument(
+        "--density", type=float, metavar="P", help="the fraction of task vectors kept (TIES, DARE)"
+    )
+    g.add_argument("--seed", type=int, metavar="N", help="the seed of DARE's random drops")
     g.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="output dtype (default: base's)"
     )

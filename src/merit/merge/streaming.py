@@ -276,6 +276,7 @@ def _manifest(plan: MergePlan, theta0: str | None, inputs: dict[str, str]) -> Me
         normalized=w.normalized,
         weights_from=o.weights_from,
         scale=w.scale,
+        params=dict(w.params),
         base_coefficient=w.base_coefficient,
         coefficients=list(w.coefficients),
         accumulation=_accumulation(plan),

@@ -198,7 +198,7 @@ def test_plan_weighting():
     assert plan.base_coefficient == 0.5
     assert plan_weighting([0.4, 0.6]).base_coefficient == 0.0
     with pytest.raises(MergeError, match="method"):
-        plan_weighting([1.0], method="ties")
+        plan_weighting([1.0], method="nonesuch")
     with pytest.raises(MergeError, match="finite"):
         plan_weighting([float("nan")])
 

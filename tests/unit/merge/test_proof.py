@@ -64,6 +64,7 @@ MANIFEST_KEYS = [
     "normalized",
     "weights_from",
     "scale",
+    "params",
     "coefficients",
     "accumulation",
     "dtype",

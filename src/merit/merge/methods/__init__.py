@@ -70,6 +70,8 @@ class MergeMethod:
         coefficients: the linear-combination fast path (see the module docstring).
         merge: the per-tensor path, used when ``coefficients`` is ``None``.
         statistics: whole-tensor statistics for ``merge``, computed once per tensor.
+        chunk_offset: ``merge`` also takes ``start=``, the chunk's first element in the tensor
+            (element-wise randomness that must not depend on how the tensor is cut).
         order: place in listings (``--help``, error messages).
     """
 
@@ -82,6 +84,7 @@ class MergeMethod:
     coefficients: Coefficients | None = None
     merge: TensorMerge | None = None
     statistics: TensorStatistics | None = None
+    chunk_offset: bool = False
     order: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,110 @@
+"""What the task-vector merges share (registers no method): trimming task vectors by magnitude or
+at random, and the sign consensus of TIES.
+
+Each takes flat float32 chunks of θ0 and the K checkpoints (the engine's scratch buffers, which
+they overwrite) and follows mergekit 0.1.5's ``generalized_task_arithmetic`` step for step: task
+vectors δ_k = θ_k − θ0, trimmed, weighted by w_k, an elected sign per element (that of Σ_k w_k δ_k,
++ on a tie), the disjoint sum of the agreeing ones, divided (``normalize``) by the weights that
+took part, times λ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Elements per piece when a whole-tensor statistic walks a tensor: bounded float32 copies.
+_PIECE = 1 << 22
+
+
+def task_vectors(theta0: torch.Tensor, thetas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """δ_k = θ_k − θ0, in place in the scratch buffers."""
+    return [theta.sub_(theta0) for theta in thetas]
+
+
+def magnitude_threshold(theta0: torch.Tensor, theta: torch.Tensor, density: float) -> float:
+    """The k-th largest |θ − θ0| of the whole tensor, k = max(1, ⌊density·n⌋) (mergekit's
+    count): trimming keeps the elements at or above it."""
+    n = theta.numel()
+    if density >= 1 or n == 0:
+        return 0.0
+    # A new tensor: the inputs are the stored (memory-mapped) tensors, never written.
+    delta = (theta.to(torch.float32) - theta0.to(torch.float32)).abs_()
+    k = max(1, int(density * n))
+    return float(delta.kthvalue(n - k + 1).values)
+
+
+def uniform(start: int, n: int, stream: int, seed: int) -> torch.Tensor:
+    """Uniform [0, 1) numbers for elements ``start .. start + n`` of one tensor and input
+    ``stream``: splitmix64 of the element's index, so a chunk draws the same numbers however
+    the tensor is cut into chunks (a generator's stream would depend on the cut)."""
+    golden = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+    # Counter = the element's index in its own range of 2^40 per (seed, stream), wrapped to int64.
+    first = _int64(((seed * 1_000_003 + stream) << 40) + start)
+    x = torch.arange(n, dtype=torch.int64).add_(first).mul_(golden)
+    for shift, mul in ((30, -4658895280553007687), (27, -7723592293110705685)):
+        x = (x ^ _logical_shift(x, shift)) * mul  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+    x = x ^ _logical_shift(x, 31)
+    return _logical_shift(x, 11).to(torch.float64).mul_(2.0**-53).to(torch.float32)
+
+
+def _int64(value: int) -> int:
+    """``value`` modulo 2^64 as a signed 64-bit integer (torch's int64 arithmetic wraps alike)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _logical_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def drop_at_random(
+    deltas: list[torch.Tensor], density: float, start: int, seed: int
+) -> list[torch.Tensor]:
+    """DARE: each element kept with probability ``density`` and rescaled by 1/density, so the
+    expected task vector is unchanged (arXiv 2311.03099, eq. 2)."""
+    if density >= 1:
+        return deltas
+    for k, d in enumerate(deltas):
+        keep = uniform(start, d.numel(), k, seed) < density
+        d.mul_(keep).div_(density)
+    return deltas
+
+
+def consensus(
+    theta0: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    scale: float,
+    normalize: bool,
+) -> torch.Tensor:
+    """TIES' merge of trimmed task vectors: elect a sign, sum the agreeing weighted ones, divide
+    by their weights (``normalize``), scale by λ, add to θ0."""
+    for d, w in zip(deltas, weights):
+        d.mul_(w)
+    majority = torch.stack(deltas).sum(0).ge_(0).mul_(2).sub_(1)  # +1 / -1; a tie elects +
+    mixed = torch.zeros_like(theta0)
+    divisor = torch.zeros_like(theta0)
+    for d, w in zip(deltas, weights):
+        agree = d.sign().eq_(majority)
+        mixed.add_(d * agree)
+        divisor.add_(agree, alpha=w)
+    if normalize:
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    return theta0.add_(mixed, alpha=scale) if scale != 1 else theta0.add_(mixed)
+
+
+def weighted_sum(
+    theta0: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], scale: float
+) -> torch.Tensor:
+    """θ0 + λ·Σ_k w_k δ_k (task arithmetic of trimmed task vectors)."""
+    mixed = torch.zeros_like(theta0)
+    for d, w in zip(deltas, weights):
+        mixed.add_(d, alpha=w)
+    return theta0.add_(mixed, alpha=scale) if scale != 1 else theta0.add_(mixed)
+
+
+def pieces(n: int):
+    """(start, stop) of bounded pieces of a flat tensor of ``n`` elements."""
+    return ((s, min(n, s + _PIECE)) for s in range(0, n, _PIECE))
