@@ -141,3 +141,14 @@ def test_a_density_outside_0_1_is_refused(density):
             get_method(method).validate([0.5, 0.5], {"density": density})
     with pytest.raises(MergeError, match="at least 2 checkpoints"):
         get_method("model_stock").validate([1.0], {})
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 40_000])
+def test_radix_select_is_kthvalue(n):
+    from merit.merge.methods.sparsify import kth_largest
+
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g).abs()
+    values[: n // 4] = (values[: n // 4] * 4).round() / 4  # duplicates and zeros
+    for k in sorted({1, max(1, n // 3), n}):
+        assert kth_largest(values, k) == float(values.kthvalue(n - k + 1).values)

@@ -31,8 +31,27 @@ def magnitude_threshold(theta0: torch.Tensor, theta: torch.Tensor, density: floa
         return 0.0
     # A new tensor: the inputs are the stored (memory-mapped) tensors, never written.
     delta = (theta.to(torch.float32) - theta0.to(torch.float32)).abs_()
-    k = max(1, int(density * n))
-    return float(delta.kthvalue(n - k + 1).values)
+    return kth_largest(delta, max(1, int(density * n)))
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of non-negative float32 ``values``, exactly, by a two-pass radix select
+    on their bits (ordered as integers for non-negative floats): a histogram of the high 16
+    bits finds the bin, one of the low 16 bits within it the value. Several times faster than
+    ``kthvalue`` on large tensors, and the same value."""
+    bits = values.view(torch.int32)
+    high = bits >> 16
+    above, b = _bin_from_top(torch.bincount(high, minlength=1 << 15), k)
+    low = torch.bincount(bits[high == b] & 0xFFFF, minlength=1 << 16)
+    _, low_bits = _bin_from_top(low, k - above)
+    return float(torch.tensor([(b << 16) | low_bits], dtype=torch.int32).view(torch.float32))
+
+
+def _bin_from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(elements in bins above, the bin) of the k-th largest element of a histogram."""
+    from_top = counts.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    return (int(from_top[i - 1]) if i else 0), counts.numel() - 1 - i
 
 
 def uniform(start: int, n: int, stream: int, seed: int) -> torch.Tensor:
