@@ -152,3 +152,16 @@ def test_radix_select_is_kthvalue(n):
     values[: n // 4] = (values[: n // 4] * 4).round() / 4  # duplicates and zeros
     for k in sorted({1, max(1, n // 3), n}):
         assert kth_largest(values, k) == float(values.kthvalue(n - k + 1).values)
+
+
+def test_ties_keeps_exactly_density_n_elements_with_ties_in_index_order():
+    theta0 = torch.zeros(10)
+    theta = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5, 2.0, 3.0, 0.1, 2.0, 0.2])
+    method = get_method("ties")
+    p = method.validate([1.0], {"density": 0.4})  # k = 4: the 3 and the first three 2s
+    stats = method.statistics(theta0, [theta], (1.0,), p)
+    whole = method.merge(theta0.clone(), [theta.clone()], (1.0,), p, stats, start=0)
+    assert whole.tolist() == [0, 2, 2, 2, 0, 0, 3, 0, 0, 0]
+    halves = [method.merge(theta0[a:b].clone(), [theta[a:b].clone()], (1.0,), p, stats, start=a)
+              for a, b in ((0, 4), (4, 10))]  # fmt: skip
+    assert torch.cat(halves).tolist() == whole.tolist()  # the same cut in any chunking

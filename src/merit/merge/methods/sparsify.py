@@ -23,15 +23,37 @@ def task_vectors(theta0: torch.Tensor, thetas: list[torch.Tensor]) -> list[torch
     return [theta.sub_(theta0) for theta in thetas]
 
 
-def magnitude_threshold(theta0: torch.Tensor, theta: torch.Tensor, density: float) -> float:
-    """The k-th largest |θ − θ0| of the whole tensor, k = max(1, ⌊density·n⌋) (mergekit's
-    count): trimming keeps the elements at or above it."""
+def magnitude_threshold(
+    theta0: torch.Tensor, theta: torch.Tensor, density: float
+) -> tuple[float, int]:
+    """Where trimming cuts the whole tensor's task vector |θ − θ0| to its k = max(1, ⌊density·n⌋)
+    largest (mergekit's count): (t, cut) such that the kept elements are those above t, and of
+    those equal to t the ones at an index below ``cut`` — exactly k, the ties in index order
+    (bf16 task vectors take few distinct values, so ties at t are common)."""
     n = theta.numel()
     if density >= 1 or n == 0:
-        return 0.0
+        return 0.0, n
     # A new tensor: the inputs are the stored (memory-mapped) tensors, never written.
     delta = (theta.to(torch.float32) - theta0.to(torch.float32)).abs_()
-    return kth_largest(delta, max(1, int(density * n)))
+    k = max(1, int(density * n))
+    t = kth_largest(delta, k)
+    ties = torch.nonzero(delta == t).squeeze(1)
+    quota = k - int((delta > t).sum())
+    return t, int(ties[quota - 1]) + 1
+
+
+def trim(delta: torch.Tensor, threshold: tuple[float, int], start: int) -> torch.Tensor:
+    """Zero the elements of a chunk (from element ``start``) of a task vector that
+    :func:`magnitude_threshold` does not keep."""
+    t, cut = threshold
+    if t <= 0 and cut >= start + delta.numel():
+        return delta
+    size = delta.abs()
+    drop = size < t
+    if start + delta.numel() > cut:  # ties at t from index `cut` on are dropped too
+        index = torch.arange(start, start + delta.numel())
+        drop |= (size == t) & (index >= cut)
+    return delta.masked_fill_(drop, 0)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:

@@ -1,11 +1,15 @@
-"""``task_vector``: task arithmetic, θ̄ = θ0 + s·Σ_k w_k (θ_k − θ0).
+"""``task_vector``: task arithmetic, θ̄ = θ0 + s·Σ_k w_k (θ_k − θ0); also registered under
+mergekit's name, ``task_arithmetic`` (arXiv 2212.04089).
 
 With s = 1 and Σ w = 1 it is paper eq. 3; the shrinkage control scales one model's task vector.
-Summed as (1 − s·Σw)·θ0 + Σ_k (s·w_k)·θ_k so that it runs on the linear-combination executor.
+A token-weighted average moves about 1/K as far from θ0 as joint training: s > 1 restores the
+step (and counts a component every branch learned s times). Summed as
+(1 − s·Σw)·θ0 + Σ_k (s·w_k)·θ_k so that it runs on the linear-combination executor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -27,7 +31,7 @@ def _coefficients(
     return c0, coefficients
 
 
-METHODS.register(
+TASK_VECTOR = METHODS.register(
     MergeMethod(
         name="task_vector",
         formula="θ̄ = θ0 + s·Σ_k w_k (θ_k − θ0)",
@@ -36,5 +40,13 @@ METHODS.register(
         params=(Param("scale", 1.0, "s, the multiple of the summed task vectors"),),
         coefficients=_coefficients,
         order=1,
+    )
+)
+METHODS.register(
+    dataclasses.replace(
+        TASK_VECTOR,
+        name="task_arithmetic",
+        help="θ0 + λ·Σ w_k (θ_k − θ0), λ = --scale (may exceed 1), needs --base θ0",
+        order=2,
     )
 )
