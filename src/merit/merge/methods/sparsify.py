@@ -50,9 +50,10 @@ def trim(delta: torch.Tensor, threshold: tuple[float, int], start: int) -> torch
         return delta
     size = delta.abs()
     drop = size < t
-    if start + delta.numel() > cut:  # ties at t from index `cut` on are dropped too
-        index = torch.arange(start, start + delta.numel())
-        drop |= (size == t) & (index >= cut)
+    if start >= cut:  # ties at t from index `cut` on are dropped too
+        drop |= size == t
+    elif start + delta.numel() > cut:  # the chunk the cut falls in
+        drop[cut - start :] |= size[cut - start :] == t
     return delta.masked_fill_(drop, 0)
 
 
