@@ -276,6 +276,30 @@ def test_ray_train_runs_each_branch_as_two_workers(planned):
     _same_branch(planned, run, atol=1e-5)
 
 
+def test_a_runs_merge_by_another_method_reuses_the_branches(planned, capsys):
+    """``merging.method`` / ``merging.params`` re-run the merge only: the branches stay, the
+    manifest records the method and its parameters; a bad one is one line before any work."""
+    run = planned["root"] / "merge-methods"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(planned["root"] / "reference", run)
+    cfg, at = str(planned["cfg"]), f"run_dir={run}"
+    branch = run / "branches" / "branch-0" / "manifest.json"
+    before = branch.stat().st_mtime_ns
+    ties = ["merging.method=ties", "merging.params={density: 0.5}"]
+    assert main(["merge", cfg, at, *ties]) == 0
+    m = json.loads((run / "merged" / "merge_manifest.json").read_text())
+    assert m["method"] == "ties" and m["params"] == {"density": 0.5, "scale": 1.0}
+    capsys.readouterr()
+    assert main(["merge", cfg, at, "merging.method=ties", "merging.params={density: 0.25}"]) == 0
+    assert "merge: re-running (merging.params.density changed)" in capsys.readouterr().err
+    assert branch.stat().st_mtime_ns == before  # nothing retrained
+    for bad, words in (("merging.method=nope", "unknown merge method 'nope'"),
+                       ("merging.params={density: 2}", "density must be in (0, 1]")):  # fmt: skip
+        assert main(["merge", cfg, at, "merging.method=ties", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, err
+
+
 def test_merge_refuses_listing_every_problem(planned, capsys):
     run = planned["root"] / "refuse"
     shutil.rmtree(run, ignore_errors=True)

@@ -107,20 +107,25 @@ def _inputs(run: Context, plan: Plan) -> dict[str, str]:
 
 
 def build_merge(run: Context, inputs: dict) -> MergeManifest:
-    """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ N_j (paper eq. 3), streamed into ``merged/``."""
+    """θ̄ = Σ_k w_k θ_k with w_k = N_k / Σ N_j (paper eq. 3), or ``merging.method`` with the same
+    weights, streamed into ``merged/``."""
     plan: Plan = inputs["plan"]
     dirs = verify_branches(run, plan)
     if run.paths.merged.exists():
         shutil.rmtree(run.paths.merged)  # a stale merge of another plan
     weights = [g.weight for g in plan.groups]
-    run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups))
+    mc = run.cfg.merging
+    how = "" if mc.method == "linear" else f" by {mc.method} {mc.params or ''}".rstrip()
+    run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups) + how)
     manifest = merge_checkpoints(
         run.base.dir,
         dirs,
         weights,
         run.paths.merged,
-        dtype=run.cfg.merging.dtype,
-        max_shard_bytes=run.cfg.merging.max_shard_bytes,
+        method=mc.method,
+        params=dict(mc.params),
+        dtype=mc.dtype,
+        max_shard_bytes=mc.max_shard_bytes,
         metadata={
             "settings": run.cfg.settings(*READS),
             "inputs": _inputs(run, plan),
@@ -135,7 +140,7 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
         hash_cache=run.cache / "sha256",
         progress=run.progress,
     )
-    if run.cfg.training.lora is not None:
+    if run.cfg.training.lora is not None and mc.method == "linear":
         # LoRA branches: also the merge as one exact adapter (rank-stacked, merit.train.lora).
         adapters = [run.paths.branch(g.id) / "adapter" for g in plan.groups]
         merge_adapters(adapters, weights, run.paths.merged_adapter)

@@ -17,6 +17,30 @@ class MergingConfig(_Section):
         None, description="output dtype; null = θ0's"
     )
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024)
+    method: str = Field(
+        "linear",
+        description="how the branches merge (a registered merge method: linear, task_arithmetic, "
+        "ties, dare_linear, dare_ties, model_stock, ...); the weights are always N_k / Σ N_j",
+    )
+    params: dict[str, float] = Field(
+        default_factory=dict, description="the method's parameters, e.g. {density: 0.3, scale: 2}"
+    )
+
+    @model_validator(mode="after")
+    def _known_method(self) -> MergingConfig:
+        if self.method == "linear" and not self.params:
+            return self  # the default: no need to load the merge methods
+        from merit.registry import registry
+
+        methods = registry("merge method")
+        if self.method not in methods:
+            known = ", ".join(registered("merge method"))
+            raise ValueError(f"unknown merge method {self.method!r} (known: {known})")
+        try:  # two branches of equal weight: the parameters' own checks
+            methods.get(self.method).validate((0.5, 0.5), self.params)
+        except Exception as err:  # MergeError, from the merge package: one line
+            raise ValueError(str(err)) from None
+        return self
 
 
 class EvaluationConfig(_Section):
