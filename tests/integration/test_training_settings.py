@@ -99,3 +99,27 @@ def test_levers_this_machine_lacks_are_one_line_errors(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_merge_chosen_on_the_validation_split(tmp_path, mixture_specs, tiny_base, capsys):
+    """``merging.select: validation`` merges every grid point, keeps the one of lowest loss on the
+    validation split, and records the curve; a select without a grid is one line, exit 2."""
+    cfg = write_run_config(
+        tmp_path / "run.yaml", tmp_path / "run", mixture_specs, tiny_base,
+        data={"split": {"eval": 6, "calibration": 8, "train": 20, "validation": 4}},
+        training={"learning_rate": 3e-3, "batch_size": 4, "baselines": []},
+        merging={"method": "task_arithmetic", "select": "validation",
+                 "grid": {"scale": [0.5, 1.0, 2.0]}},
+    )  # fmt: skip
+    assert main(["train", str(cfg)]) == 0
+    assert main(["merge", str(cfg)]) == 0
+    m = json.loads((tmp_path / "run" / "merged" / "merge_manifest.json").read_text())
+    curve = m["metadata"]["selection"]
+    assert [c["params"]["scale"] for c in curve] == [0.5, 1.0, 2.0]
+    best = min(curve, key=lambda c: c["validation_loss"])
+    assert m["params"] == best["params"] and m["method"] == "task_arithmetic"
+    assert len({round(c["validation_loss"], 6) for c in curve}) == 3  # the grid moved the loss
+    assert not (tmp_path / "run" / "merge-candidates").exists()
+    capsys.readouterr()
+    assert main(["merge", str(cfg), "merging.grid={}"]) == 2
+    assert "select: validation needs a grid" in capsys.readouterr().err

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merit.artifacts import read_json, sha256_file, write_json
-from merit.compare import select
 from merit.compare.rows import ROWS, Row, Unit, unit_config
 from merit.data.stage import READS as DATA_READS
+from merit.diagnose import selection as select
 from merit.evaluate.models import ModelScores, score_model
 from merit.graph import Context
 from merit.merge.safetensors_io import distances_from

@@ -12,8 +12,8 @@ from pathlib import Path
 from merit.artifacts import Artifact, sha256_text
 from merit.data.mixture import Mixture
 from merit.evaluate.scoring import EVAL_VERSION, evaluate_model
+from merit.hashing import cached_sha256
 from merit.lm import load_model
-from merit.merge.hashing import cached_sha256
 
 READS = ("seed", "model", "data", "evaluation")
 # Settings that change how results are summarised, never an example's score.

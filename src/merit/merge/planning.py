@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from merit.hashing import HashCache, fingerprint_and_hashes
 from merit.merge.arithmetic import Weighting, plan_weighting
 from merit.merge.errors import MergeError, problems_error
-from merit.merge.hashing import HashCache, fingerprint_and_hashes
 from merit.merge.manifest import recorded_theta0
 from merit.merge.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorSpec, read_specs
 from merit.merge.validation import header_problems, kept_problems, provenance_problems
@@ -48,7 +48,7 @@ class MergeOptions:
         keep: tensors that are θ0's in every checkpoint (frozen parameters): written as θ0's
             bytes (cast once to ``dtype`` if given), and refused where a checkpoint differs.
         metadata: extra JSON-able information recorded under "metadata" in the manifest.
-        hash_cache: directory of a :class:`~merit.merge.hashing.HashCache` for input hashes;
+        hash_cache: directory of a :class:`~merit.hashing.HashCache` for input hashes;
             ``None`` hashes anew.
         threads: worker threads for the arithmetic (default: the CPUs available, minus one for
             writing and hashing).

@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 from merit.artifacts import read_json, sha256_file
+from merit.diagnose.selection import best_key, losses, objective
 from merit.errors import StageError
 from merit.graph import STAGES, Context, Stage
+from merit.hashing import cached_sha256
 from merit.merge.derived import derived_model, frozen
-from merit.merge.hashing import cached_sha256
 from merit.merge.manifest import MergeManifest
 from merit.merge.safetensors_io import distances_from
 from merit.merge.streaming import merge_checkpoints
@@ -115,7 +116,10 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
         shutil.rmtree(run.paths.merged)  # a stale merge of another plan
     weights = [g.weight for g in plan.groups]
     mc = run.cfg.merging
-    how = "" if mc.method == "linear" else f" by {mc.method} {mc.params or ''}".rstrip()
+    params, selection = dict(mc.params), None
+    if mc.select == "validation":
+        params, selection = _select_on_validation(run, dirs, weights)
+    how = "" if mc.method == "linear" else f" by {mc.method} {params or ''}".rstrip()
     run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups) + how)
     manifest = merge_checkpoints(
         run.base.dir,
@@ -123,7 +127,7 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
         weights,
         run.paths.merged,
         method=mc.method,
-        params=dict(mc.params),
+        params=params,
         dtype=mc.dtype,
         max_shard_bytes=mc.max_shard_bytes,
         metadata={
@@ -133,6 +137,7 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
             "base_fingerprint": run.base.fingerprint,
             "weights_from": "plan tokens N_k / Σ N_j",
             "tokens": [g.tokens for g in plan.groups],
+            **({"selection": selection} if selection else {}),
         },
         weights_from="plan tokens N_k / Σ N_j",
         keep=frozen(run),
@@ -145,6 +150,27 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
         adapters = [run.paths.branch(g.id) / "adapter" for g in plan.groups]
         merge_adapters(adapters, weights, run.paths.merged_adapter)
     return manifest
+
+
+def _select_on_validation(run: Context, dirs: list[Path], weights: list[float]):
+    """The grid point of ``merging.grid`` whose merge has the lowest validation loss, and every
+    point's loss (the curve recorded in the manifest). Each candidate is merged to a scratch
+    directory, scored, and removed; the eval split and the unseen tasks are never read."""
+    mc = run.cfg.merging
+    obj = objective(run, "validation")
+    scratch = run.paths.root / "merge-candidates"
+    curve = []
+    for i, params in enumerate(mc.grid_points()):
+        shutil.rmtree(scratch, ignore_errors=True)
+        merge_checkpoints(run.base.dir, dirs, weights, scratch, method=mc.method, params=params,
+                          dtype=mc.dtype, hash_cache=run.cache / "sha256", progress=False)  # fmt: skip
+        loss = losses(obj, {i: scratch}, run.cfg.model.dtype)[i]
+        run.say(f"merge: {mc.method} {params}: validation loss {loss:.4f}")
+        curve.append({"params": params, "validation_loss": loss})
+    shutil.rmtree(scratch, ignore_errors=True)
+    best = curve[best_key({i: c["validation_loss"] for i, c in enumerate(curve)})]
+    run.say(f"merge: chose {best['params']} on the validation split")
+    return best["params"], curve
 
 
 def build_shrink(run: Context, _inputs: dict) -> MergeManifest:

@@ -12,7 +12,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from merit.merge.hashing import CONFIG_FILE
+from merit.hashing import CONFIG_FILE
 from merit.merge.manifest import CARD_FILE, MANIFEST_FILE
 
 # θ0's files that are weights in some format or training state; everything else (config,

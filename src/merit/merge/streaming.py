@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from merit.hashing import cached_sha256, fingerprint_and_hashes, fingerprint_files
 from merit.merge.arithmetic import MergeTerms, compute_dtype
 from merit.merge.card import model_card
-from merit.merge.hashing import cached_sha256, fingerprint_and_hashes, fingerprint_files
 from merit.merge.manifest import CARD_FILE, MergeManifest, json_text
 from merit.merge.planning import MergeOptions, MergePlan, Shard, plan_merge
 from merit.merge.safetensors_io import INDEX_FILE, MappedFiles, ShardWriter, shard_header

@@ -26,9 +26,29 @@ class MergingConfig(_Section):
         default_factory=dict, description="the method's parameters, e.g. {density: 0.3, scale: 2}"
     )
 
+    select: Literal["none", "validation"] = Field(
+        "none",
+        description="validation: try every point of `grid` and keep the merge of the lowest "
+        "validation loss (data.split.validation; never the eval split or unseen tasks)",
+    )
+    grid: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="with select: validation, values per parameter, e.g. {scale: [1, 2, 3]}",
+    )
+
+    def grid_points(self) -> list[dict[str, float]]:
+        """Every combination of ``grid`` over ``params``, in the grid's order."""
+        import itertools
+
+        keys = list(self.grid)
+        return [{**self.params, **dict(zip(keys, values))}
+                for values in itertools.product(*(self.grid[k] for k in keys))]  # fmt: skip
+
     @model_validator(mode="after")
     def _known_method(self) -> MergingConfig:
-        if self.method == "linear" and not self.params:
+        if self.select == "validation" and not any(self.grid.values()):
+            raise ValueError("select: validation needs a grid, e.g. grid: {scale: [1, 2, 3]}")
+        if self.method == "linear" and not self.params and not self.grid:
             return self  # the default: no need to load the merge methods
         from merit.registry import registry
 
@@ -36,8 +56,9 @@ class MergingConfig(_Section):
         if self.method not in methods:
             known = ", ".join(registered("merge method"))
             raise ValueError(f"unknown merge method {self.method!r} (known: {known})")
-        try:  # two branches of equal weight: the parameters' own checks
-            methods.get(self.method).validate((0.5, 0.5), self.params)
+        try:  # two branches of equal weight: the parameters' own checks, at every grid point
+            for params in self.grid_points():
+                methods.get(self.method).validate((0.5, 0.5), params)
         except Exception as err:  # MergeError, from the merge package: one line
             raise ValueError(str(err)) from None
         return self

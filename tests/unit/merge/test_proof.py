@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from merge_models import UP, read_tensors, rewrite, sha256
 
+from merit import hashing
+from merit.hashing import HashCache, cached_sha256
 from merit.lm import fingerprint
-from merit.merge import hashing
 from merit.merge.errors import MergeError
-from merit.merge.hashing import HashCache, cached_sha256
 from merit.merge.manifest import MANIFEST_FILE, MergeManifest
 from merit.merge.streaming import merge_checkpoints
 from merit.merge.verify import verify_merge

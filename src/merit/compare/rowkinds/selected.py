@@ -5,10 +5,10 @@ or on the unseen tasks."""
 
 from __future__ import annotations
 
-from merit.compare import select
 from merit.compare.rows import ROWS, Row, RowKind, Unit
 from merit.compare.units import Comparison, Made, inputs_of, job_sha, produce, score, unit_record
 from merit.config import RunConfig
+from merit.diagnose import selection as select
 from merit.merge.derived import derived_model
 
 
