@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from merit.artifacts import read_json, sha256_file
-from merit.diagnose.selection import best_key, losses, objective
+from merit.diagnose.selection import best_key, objective, vector
 from merit.errors import StageError
 from merit.graph import STAGES, Context, Stage
 from merit.hashing import cached_sha256
@@ -160,11 +160,11 @@ def _select_on_validation(run: Context, dirs: list[Path], weights: list[float]):
     obj = objective(run, "validation")
     scratch = run.paths.root / "merge-candidates"
     curve = []
-    for i, params in enumerate(mc.grid_points()):
+    for params in mc.grid_points():
         shutil.rmtree(scratch, ignore_errors=True)
         merge_checkpoints(run.base.dir, dirs, weights, scratch, method=mc.method, params=params,
                           dtype=mc.dtype, hash_cache=run.cache / "sha256", progress=False)  # fmt: skip
-        loss = losses(obj, {i: scratch}, run.cfg.model.dtype)[i]
+        loss = obj.loss(vector(obj, scratch, run.cfg.model.dtype))
         run.say(f"merge: {mc.method} {params}: validation loss {loss:.4f}")
         curve.append({"params": params, "validation_loss": loss})
     shutil.rmtree(scratch, ignore_errors=True)

@@ -94,7 +94,7 @@ def trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             keep = answer_positions(labels)
             rest = {k: v for k, v in inputs.items() if k != "labels"}
-            outputs = model(**rest, use_cache=False, logits_to_keep=keep.to(labels.device))
+            outputs = model(**rest, use_cache=False, logits_to_keep=keep)
             loss = answer_loss(outputs.logits, labels, keep, num_items_in_batch)
             # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP
             # averages the gradients over ranks.

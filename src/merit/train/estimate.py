@@ -23,6 +23,7 @@ import torch
 from merit.config import RunConfig
 from merit.gguf import NAMED_MODELS
 from merit.lm import ModelPathError, check_model_path, local_model_dir, meta_model
+from merit.train.sft import precision
 from merit.vision import default_trainable, is_vision_model
 
 GIB = 1024**3
@@ -127,8 +128,8 @@ def lora_parameters(model, r: int, targets: list[str] | str) -> int:
 
 
 def gpu_precision(cfg: RunConfig) -> str:
-    """The precision a branch trains in on a GPU: ``training.precision``, auto = bf16-mixed."""
-    return "bf16-mixed" if cfg.training.precision == "auto" else cfg.training.precision
+    """The precision a branch trains in on a GPU (:func:`merit.train.sft.precision`)."""
+    return precision(cfg.training, torch.device("cuda"))
 
 
 def model_shape(model_dir: str | Path, cfg: RunConfig) -> Shape:

@@ -43,6 +43,7 @@ def run_ranks(args: Sequence[str], nproc: int) -> int:
     """Run ``python ARGS`` as ``nproc`` ranks on this node; their exit status: 0 when all
     finished, 75 when they stopped on a preemption signal (after their checkpoint), else the
     first other failure's."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -56,8 +57,6 @@ def run_ranks(args: Sequence[str], nproc: int) -> int:
         max_restarts=0,  # merit's launchers re-run a branch; the ranks resume its checkpoint
         monitor_interval=0.1,
     )
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
     # The launcher forwards SIGTERM to its ranks (which checkpoint and exit 75); SLURM's early
     # warning SIGUSR1 would kill it outright, so it becomes a SIGTERM here.
     previous = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

@@ -151,6 +151,19 @@ def _load_for_training(run: Context):
     return run.base.load(dtype=train_dtype(tc, run.device), device=device)
 
 
+def _already_trained(run: Context, job: Job, p_hash: str) -> BranchManifest | None:
+    """The job's manifest if it is done (and said so), else None."""
+    if m := finished(run, job.out, p_hash):
+        run.say(f"{job.label}: already trained, skipping")
+    return m
+
+
+def _threads(run: Context, processes: int) -> int:
+    """Torch threads for each of ``processes`` at once: ``runtime.threads``, else a share of
+    the cores."""
+    return run.cfg.runtime.threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
     """Train one job idempotently: skip if done, else resume, then write its manifest.
 
@@ -158,12 +171,10 @@ def _train_one(run: Context, plan: Plan, job: Job) -> BranchManifest:
     """
     p_hash = plan_hash(run)
     _verify_job_inputs(run, plan, job.datasets, job.label)
-    if m := finished(run, job.out, p_hash):
-        run.say(f"{job.label}: already trained, skipping")
+    if m := _already_trained(run, job, p_hash):
         return m
     with _branch_lock(job.out, job.label, run.say):
-        if m := finished(run, job.out, p_hash):  # finished while we waited
-            run.say(f"{job.label}: already trained, skipping")
+        if m := _already_trained(run, job, p_hash):  # finished while we waited
             return m
         manifest_path = RunPaths.manifest(job.out)
         if manifest_path.is_file() and _main_process():  # another plan, θ0 or schedule
@@ -353,14 +364,12 @@ def _train_ranks(run: Context, plan: Plan, job: Job, ranks: int) -> BranchManife
     running the job's own command; its manifest once they finished."""
     p_hash = plan_hash(run)
     _verify_job_inputs(run, plan, job.datasets, job.label)
-    if m := finished(run, job.out, p_hash):
-        run.say(f"{job.label}: already trained, skipping")
+    if m := _already_trained(run, job, p_hash):
         return m
     _write_launch_config(run)
-    threads = run.cfg.runtime.threads or max(1, (os.cpu_count() or 1) // ranks)
     argv = _job_command(run, job.kind, job.ident, p_hash, ["-m", "merit.cli"])
     run.say(f"{job.label}: starting {ranks} processes on this node")
-    rc = run_ranks([*argv, f"runtime.threads={threads}"], ranks)
+    rc = run_ranks([*argv, f"runtime.threads={_threads(run, ranks)}"], ranks)
     if rc == orch.EXIT_PREEMPTED:
         step = (orch.read_progress(job.out) or {}).get("step", 0)
         raise Preempted(step, None)
@@ -375,7 +384,7 @@ def _launch(run: Context, plan: Plan, todo: list[Job]) -> list[BranchManifest]:
     p_hash = plan_hash(run)
     _write_launch_config(run)
     merit = [sys.executable, "-m", "merit.cli"]
-    threads = rt.threads or max(1, (os.cpu_count() or 1) // max(1, rt.parallel))
+    threads = _threads(run, rt.parallel)
     launch = []
     for job in todo:
         _verify_job_inputs(run, plan, job.datasets, job.label)

@@ -134,7 +134,7 @@ def consensus(
         divisor.add_(agree, alpha=w)
     if normalize:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-    return theta0.add_(mixed, alpha=scale) if scale != 1 else theta0.add_(mixed)
+    return theta0.add_(mixed, alpha=scale)
 
 
 def weighted_sum(
@@ -144,7 +144,7 @@ def weighted_sum(
     mixed = torch.zeros_like(theta0)
     for d, w in zip(deltas, weights):
         mixed.add_(d, alpha=w)
-    return theta0.add_(mixed, alpha=scale) if scale != 1 else theta0.add_(mixed)
+    return theta0.add_(mixed, alpha=scale)
 
 
 def pieces(n: int):
