@@ -214,7 +214,10 @@ def _sft_settings(
         bf16=precision(cfg, device) != "fp32",
         fp16=False,
         gradient_checkpointing=cfg.gradient_checkpointing and cfg.distributed != "fsdp",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Only with checkpointing on: transformers ≥ 5.2x warns about any value of this alias.
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if cfg.gradient_checkpointing
+        else None,
         use_liger_kernel=cfg.liger_kernel,
         use_cpu=device.type == "cpu",
         max_length=None if vision else max_length,
