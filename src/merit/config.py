@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from merit.errors import ConfigError
 from merit.sections import Section as _Section
@@ -63,6 +63,22 @@ class RunConfig(_Section):
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _merge_needs_validation(self) -> RunConfig:
+        """A merge chosen or fitted on the validation split needs one, refused at load."""
+        m = self.merging
+        if m.method == "learned" and m.select == "validation":
+            raise ValueError("merging.method learned fits its coefficients on the validation "
+                             "split itself: drop merging.select")  # fmt: skip
+        wants = m.method == "learned" or m.select == "validation"
+        if wants and self.data.split.validation == 0:
+            what = "learned" if m.method == "learned" else "select: validation"
+            raise ValueError(
+                f"merging {what} needs a validation split: set data.split.validation (examples "
+                "per dataset carved from the training examples)"
+            )
+        return self
 
     def settings(self, *sections: str) -> dict[str, Any]:
         """The settings of ``sections`` (a stage's declared reads), defaults left out: a new

@@ -140,7 +140,7 @@ def test_compare_end_to_end(tmp_path, eight_tasks, tiny_base, capsys):
     for ln, key in zip(body, ROWS):
         cells = _cells(ln)
         empty = [i for i, c in enumerate(cells) if c in ("", "–")]
-        assert empty == ([6, 9] if key == "joint" else []), (key, cells)
+        assert empty == {"joint": [7, 10], "base": [2]}.get(key, []), (key, cells)
     assert (run / "compare" / "gain.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "MERIT-2D (K=4)" in out and "Uniform soup" in out
@@ -155,6 +155,56 @@ def test_compare_end_to_end(tmp_path, eight_tasks, tiny_base, capsys):
     assert main(["compare", str(cfg)]) == 0
     again = json.loads((run / "compare" / "results.json").read_text())
     assert again["rows"] == res["rows"]
+
+
+MERGE_ROWS = ["base", "joint", "merit-2d", "merit-2d+ta", "merit-2d+ties", "merit-2d+regmean",
+              "merit-2d+learned", "random", "random+ta"]  # fmt: skip
+
+
+def test_merge_rows_reuse_the_trained_branches_and_choose_on_validation(
+    tmp_path, eight_tasks, tiny_base, capsys
+):
+    train, unseen = eight_tasks
+    cfg = _config(tmp_path, train, unseen, tiny_base, rows=[*MERGE_ROWS[:3], "random"],
+                  random_draws=1, merge_scales=[1.0, 2.0], merge_densities=[0.5, 1.0],
+                  merge_params={"learned": {"steps": 3}})  # fmt: skip
+    assert main(["compare", str(cfg)]) == 0
+    run = tmp_path / "run"
+    manifests = {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")}
+    said = capsys.readouterr()
+    assert "fewer than 16" in said.out + said.err  # the tiny run's branches take 2 steps
+
+    text = yaml.safe_load(cfg.read_text())
+    text["compare"]["rows"] = MERGE_ROWS
+    cfg.write_text(yaml.safe_dump(text))
+    assert main(["compare", str(cfg)]) == 0
+    # Adding merge rows trained nothing: every training job's manifest is untouched.
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")} == manifests
+    res = json.loads((run / "compare" / "results.json").read_text())
+    rows = {r["key"]: r for r in res["rows"]}
+    assert list(rows) == MERGE_ROWS
+    assert rows["merit-2d"]["steps"] == rows["merit-2d+ties"]["steps"]
+    (ta,) = rows["merit-2d+ta"]["units"]
+    curve = ta["validation_curve"]
+    assert set(curve) == {"1.0", "2.0"} and ta["params"]["scale"] == float(
+        min(curve, key=curve.get)
+    )
+    (ties,) = rows["merit-2d+ties"]["units"]
+    assert len(ties["validation_curve"]) == 4 and ties["params"]["density"] in (0.5, 1.0)
+    assert Path(ta["model"]).parent == run / "compare" / "models"
+    (learned,) = rows["merit-2d+learned"]["units"]
+    meta = json.loads((Path(learned["model"]) / "merge_manifest.json").read_text())["metadata"]
+    assert learned["params"]["scale"] == ta["params"]["scale"]  # it starts where TA ends
+    fit = meta["learned"]
+    assert len(fit["groups"]) >= 3 and all(len(v) == 4 for v in fit["groups"].values())
+    assert fit["validation_loss"]["fitted"] <= fit["validation_loss"]["start"] + 0.05
+    (reg,) = rows["merit-2d+regmean"]["units"]
+    assert json.loads((Path(reg["model"]) / "merge_manifest.json").read_text())["metadata"][
+        "regmean"]["layers"] > 0  # fmt: skip
+    assert (run / "branches").is_dir() and any((run / "branches").rglob("grams.safetensors"))
+    assert rows["random+ta"]["units"][0]["run_dir"] == rows["random"]["units"][0]["run_dir"]
+    table = (run / "compare" / "results.md").read_text()
+    assert "MERIT-2D (K=4) + TIES" in table and "steps/job" in table
 
 
 def test_compare_resumes_after_a_kill(tmp_path, eight_tasks, tiny_base):

@@ -148,6 +148,44 @@ def test_sparse_task_vector_merges_from_the_cli(base, ckpts, tmp_path, capsys):
     assert not Path(out).exists()
 
 
+def test_a_mergekit_config_runs_on_merits_engine(base, ckpts, tmp_path, capsys):
+    """--mergekit-config: the same bytes as the equivalent options; what merit would compute
+    differently (another method, per-model densities, a switch off mergekit's default, a fitted
+    method standalone) is one line, exit 2, nothing written."""
+    models = [{"model": str(c), "parameters": {"weight": w, "density": 0.5}}
+              for c, w in zip(ckpts, (0.4, 0.3, 0.2, 0.1))]  # fmt: skip
+    doc = {"merge_method": "ties", "base_model": str(base), "parameters": {"lambda": 1.5},
+           "models": [{"model": str(base)}, *models], "dtype": "bfloat16"}  # fmt: skip
+    cfg = tmp_path / "mergekit.yaml"
+    cfg.write_text(json.dumps(doc))  # JSON is YAML
+    assert main(["merge", "--mergekit-config", str(cfg), "--out", str(tmp_path / "mk")]) == 0
+    argv = ["merge", "--base", str(base), "--method", "ties", "--density", "0.5", "--scale",
+            "1.5", "--weights", "0.4,0.3,0.2,0.1", *map(str, ckpts)]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "opts")]) == 0
+    assert read(tmp_path / "mk").keys() == read(tmp_path / "opts").keys()
+    for name, t in read(tmp_path / "mk").items():
+        assert torch.equal(t, read(tmp_path / "opts")[name]), name
+    capsys.readouterr()
+    out = str(tmp_path / "bad")
+    for change, words in (
+        ({"merge_method": "slerp"}, "merge_method 'slerp' is not one merit implements"),
+        ({"parameters": {"normalize": False}}, "ties with normalize: False is not implemented"),
+        ({"models": [models[0], {**models[1], "parameters": {"weight": 1, "density": 0.9}}]},
+         "one density to every model"),
+        ({"models": [{"model": str(ckpts[0])}]}, "models[0] has no weight"),
+    ):  # fmt: skip
+        cfg.write_text(json.dumps({**doc, **change}))
+        assert main(["merge", "--mergekit-config", str(cfg), "--out", out]) == 2
+        assert words in one_error_line(capsys)
+    assert main(["merge", "--mergekit-config", str(cfg), "--out", out, str(ckpts[0])]) == 2
+    assert "drop checkpoints" in one_error_line(capsys)
+    for method in ("regmean", "learned"):
+        assert main(["merge", "--base", str(base), "--method", method, *map(str, ckpts),
+                     "--out", out]) == 2  # fmt: skip
+        assert "merging.method: " + method in one_error_line(capsys)
+    assert not Path(out).exists()
+
+
 def test_task_vector_needs_base(ckpts, tmp_path, capsys):
     argv = ["merge", "--method", "task_vector", "--out", str(tmp_path / "o"), *map(str, ckpts)]
     assert main(argv) == 2

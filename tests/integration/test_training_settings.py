@@ -123,3 +123,34 @@ def test_merge_chosen_on_the_validation_split(tmp_path, mixture_specs, tiny_base
     capsys.readouterr()
     assert main(["merge", str(cfg), "merging.grid={}"]) == 2
     assert "select: validation needs a grid" in capsys.readouterr().err
+
+    # RegMean and learned coefficients: fitted by the run's merge stage, on the run's own data.
+    run, plain = tmp_path / "run", ["merging.select=none", "merging.grid={}"]
+    branch = run / "branches" / "branch-0" / "manifest.json"
+    before = branch.stat().st_mtime_ns
+    assert (
+        main(["merge", str(cfg), *plain, "merging.method=regmean", "merging.gram_examples=4"]) == 0
+    )
+    m = json.loads((run / "merged" / "merge_manifest.json").read_text())
+    assert m["method"] == "regmean" and m["metadata"]["regmean"]["layers"] == 14  # 2 blocks × 7
+    assert (run / "branches" / "branch-0" / "grams.safetensors").is_file()
+    steps = "merging.params={steps: 4, groups: 2}"
+    assert main(["merge", str(cfg), *plain, "merging.method=learned", steps]) == 0
+    m = json.loads((run / "merged" / "merge_manifest.json").read_text())
+    fit = m["metadata"]["learned"]
+    assert set(fit["groups"]) == {"embeddings", "blocks 0-0", "blocks 1-1", "other"}
+    assert fit["validation_loss"]["fitted"] <= fit["validation_loss"]["start"] + 1e-3 or (
+        fit["best_step"] == 0)  # fmt: skip
+    assert branch.stat().st_mtime_ns == before  # nothing retrained
+    assert main(["report", str(cfg), *plain, "merging.method=learned", steps]) == 0
+    page = (run / "report" / "report.md").read_text()
+    assert "Learned coefficients: validation loss" in page and "coefficients" in page
+    assert any((run / "report").rglob("*coefficients*.png"))
+    capsys.readouterr()
+    for bad, words in (
+        (["merging.method=learned", "data.split.validation=0"], "learned needs a validation"),
+        (["merging.method=regmean", "merging.params={alpha: 2}"], "alpha must be in [0, 1]"),
+    ):
+        assert main(["merge", str(cfg), *plain, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, err

@@ -143,7 +143,7 @@ def table_cells(rows: list[dict], max_families: int = 6) -> tuple[list[str], lis
     p = resolve(PRIMARY)
     shown = present(s for r in rows for s in (r["summary"], r["unseen_summary"]))
     head = [
-        "Row", "tokens ×joint", "‖θ−θ0‖", "train loss", *map(_head, shown),
+        "Row", "tokens ×joint", "steps/job", "‖θ−θ0‖", "train loss", *map(_head, shown),
         f"Δ{p.abbrev} vs joint", *[f"unseen {_head(m)}" for m in shown],
         f"Δunseen {p.abbrev} vs joint", *[f"{f} {p.abbrev}" for f in fams],
     ]  # fmt: skip
@@ -152,6 +152,7 @@ def table_cells(rows: list[dict], max_families: int = 6) -> tuple[list[str], lis
         cells = [
             r["label"],
             _num(r.get("budget"), ".2f"),
+            _steps(r.get("steps")),
             _num(r.get("distance"), ".3g"),
             _num(r.get("train_loss"), ".3f"),
             *[_with_ci(r["summary"], m) for m in shown],
@@ -162,6 +163,13 @@ def table_cells(rows: list[dict], max_families: int = 6) -> tuple[list[str], lis
         ]
         body.append(cells)
     return head, body
+
+
+def _steps(steps: list[int] | None) -> str:
+    if not steps:
+        return "–"
+    lo, hi = steps
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
 def _columns(rows: list[dict], max_families: int) -> list[str]:

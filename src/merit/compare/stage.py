@@ -38,12 +38,14 @@ def _row_entry(row: Row, units: list[dict], joint_tokens: float) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     tokens = mean("tokens") or 0.0
+    steps = [n for u in units for n in u.get("steps", [])]
     return {
         "key": row.name,
         "label": row.label,
         "budget": tokens / joint_tokens if joint_tokens else row.budget,
         "nominal_budget": row.budget,
         "tokens": tokens,
+        "steps": [min(steps), max(steps)] if steps else None,  # per training job
         "distance": mean("distance"),
         "train_loss": mean("train_loss"),
         "units": units,
@@ -72,6 +74,20 @@ def _diagnostics(rows_: list[dict]) -> dict:
             else None
         ),
     }
+
+
+MIN_STEPS = 16  # fewer optimizer steps per job, and a row measures step counts, not MERIT
+
+
+def few_steps(entries: list[dict]) -> list[str]:
+    """A line for each row some of whose training jobs took fewer than :data:`MIN_STEPS`."""
+    return [
+        f"{r['label']}: a training job took {r['steps'][0]} optimizer step(s) (fewer than "
+        f"{MIN_STEPS}: the row measures step counts; use a smaller training.batch_size or more "
+        "examples)"
+        for r in entries
+        if r.get("steps") and r["steps"][0] < MIN_STEPS
+    ]
 
 
 def check(ctx: Context) -> None:
@@ -111,6 +127,8 @@ def _write(cmp: Comparison, done: list, seconds: float) -> CompareResults:
         for row, units in done
     ]
     diagnostics = _diagnostics(entries)
+    for w in few_steps(entries):
+        cmp.run.say(f"warning: {w}")
     res = CompareResults(
         reference=REFERENCE,
         rows=entries,
@@ -131,7 +149,8 @@ def _write(cmp: Comparison, done: list, seconds: float) -> CompareResults:
 
 
 def _markdown(res: CompareResults, seconds: float) -> str:
-    parts = [
+    parts = [f"Warning: {w}\n\n" for w in few_steps(res.rows)]
+    parts += [
         "Held-out answer NLL (lower is better) and accuracy, averaged over datasets, with "
         "95% bootstrap intervals; Δ: the row minus joint training (1 epoch), paired.\n\n",
         res.table,

@@ -16,6 +16,7 @@ from merit.evaluate.models import ModelScores, score_model
 from merit.graph import Context
 from merit.merge.safetensors_io import distances_from
 from merit.run import RunPaths
+from merit.train.artifact import BranchManifest, Trained
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Made:
     run: Context
     path: Path
     tokens: int
+    steps: tuple[int, ...] = ()  # optimizer steps of each job that trained it
 
 
 def _share_upstream(root: Context, run_dir: Path) -> None:
@@ -62,10 +64,20 @@ def produce(root: Context, unit: Unit) -> Made:
     if unit.model == "joint":
         trained = run.executor.get("joint")
         tokens = sum(trained.tokens_seen.values())
-        return Made(unit, run, run.paths.baseline("joint") / "model", tokens)
+        path = run.paths.baseline("joint") / "model"
+        return Made(unit, run, path, tokens, _steps(run, trained))
     trained = run.executor.get("train")
     run.executor.get("merge")
-    return Made(unit, run, run.paths.merged, sum(trained.tokens_seen.values()))
+    return Made(
+        unit, run, run.paths.merged, sum(trained.tokens_seen.values()), _steps(run, trained)
+    )
+
+
+def _steps(run: Context, trained: Trained) -> tuple[int, ...]:
+    return tuple(
+        BranchManifest.load(RunPaths.manifest(run.paths.root / rel)).steps
+        for rel in sorted(trained.manifests)
+    )
 
 
 def score(made: Made, label: str, out: Path | None = None, key: str | None = None) -> ModelScores:
@@ -80,6 +92,7 @@ def unit_record(made: Made, scores: ModelScores, **extra) -> dict:
         "run_dir": str(made.run.paths.root),
         "model": str(made.path),
         "tokens": made.tokens,
+        "steps": list(made.steps),
         "weights_sha256": scores.weights_sha256,
         **extra,
     }

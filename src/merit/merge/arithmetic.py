@@ -131,11 +131,12 @@ def compute_dtype(
 class TensorInputs(NamedTuple):
     """The whole flat input tensors of one output tensor, as stored, for a per-tensor method:
     θ0 (``None`` unless the method needs it), the K checkpoints', and the future of the
-    method's whole-tensor statistics (``None`` if it has none)."""
+    method's whole-tensor statistics (``None`` if it has none), and the tensor's weighting."""
 
     theta0: torch.Tensor | None
     thetas: list[torch.Tensor]
     stats: Future | None
+    weighting: Weighting
 
 
 class MergeTerms:
@@ -148,18 +149,25 @@ class MergeTerms:
         branch_specs: Sequence[dict[str, TensorSpec]],
         mapped: MappedFiles,
         keep: frozenset[str] = frozenset(),
+        overrides: Mapping[str, Weighting] | None = None,
     ) -> None:
         self.weighting, self.base_specs, self.branch_specs = weighting, base_specs, branch_specs
         self.mapped = mapped
         self.keep = keep
+        self.overrides = dict(overrides or {})
         self._local = threading.local()
         self._free: dict[torch.dtype, list[torch.Tensor]] = {}
         self._free_lock = threading.Lock()
 
+    def weighting_for(self, name: str) -> Weighting:
+        """How tensor ``name`` merges: its own weighting where one is given (per-layer learned
+        coefficients, RegMean's closed form), else the merge's."""
+        return self.overrides.get(name, self.weighting)
+
     def inputs(self, name: str) -> list[TensorSpec]:
         """The stored tensors that tensor ``name`` is computed from, θ0 first if it takes part
         (read only where its coefficient is not zero, for a linear combination)."""
-        w = self.weighting
+        w = self.weighting_for(name)
         uses_base = w.base_coefficient != 0.0 if w.linear else w.spec.needs_base
         branches = [specs[name] for specs in self.branch_specs]
         return [self.base_specs[name], *branches] if uses_base else branches
@@ -167,7 +175,7 @@ class MergeTerms:
     def sources(self, name: str) -> list[tuple[TensorSpec, float]]:
         """(spec, coefficient) of each summand of a linear combination, θ0 first if it takes
         part."""
-        w = self.weighting
+        w = self.weighting_for(name)
         coefficients = [w.base_coefficient] if w.base_coefficient != 0.0 else []
         return list(zip(self.inputs(name), [*coefficients, *w.coefficients]))
 
@@ -232,7 +240,7 @@ class MergeTerms:
 
     def _apply(self, inputs: TensorInputs, start: int, stop: int) -> torch.Tensor:
         """A per-tensor method on elements [start, stop) of its inputs, widened to float32."""
-        w, n = self.weighting, stop - start
+        w, n = inputs.weighting, stop - start
         stored = [*([inputs.theta0] if inputs.theta0 is not None else []), *inputs.thetas]
         wide = [
             b[:n].copy_(v[start:stop]) for b, v in zip(self._float32_buffers(len(stored)), stored)
@@ -248,7 +256,7 @@ class MergeTerms:
         return merged
 
     def _statistics(self, inputs: TensorInputs) -> Any:
-        w = self.weighting
+        w = inputs.weighting
         assert w.spec.statistics is not None
         return w.spec.statistics(inputs.theta0, inputs.thetas, w.weights, w.params)
 
@@ -261,8 +269,8 @@ class MergeTerms:
         ]
         if culprits:
             return MergeError(f"NaN/Inf in tensor {name!r} of {', '.join(culprits)}")
-        if not self.weighting.linear:
-            return MergeError(f"tensor {name!r}: method {self.weighting.method} made NaN/Inf")
+        if not (w := self.weighting_for(name)).linear:
+            return MergeError(f"tensor {name!r}: method {w.method} made NaN/Inf")
         return MergeError(f"tensor {name!r}: merged values overflow {out_dtype}")
 
     def _output_buffer(self, dtype: torch.dtype) -> torch.Tensor:
@@ -300,12 +308,13 @@ class MergeTerms:
     def _views(self, name: str, pool: Executor) -> list[tuple[torch.Tensor, float]] | TensorInputs:
         """What each chunk of tensor ``name`` is computed from: the memory-mapped inputs and
         their coefficients, or a per-tensor method's inputs with its statistics under way."""
-        if self.weighting.linear:
+        w = self.weighting_for(name)
+        if w.linear:
             return [(self.mapped.tensor(spec), c) for spec, c in self.sources(name)]
         stored = [self.mapped.tensor(spec) for spec in self.inputs(name)]
-        theta0 = stored.pop(0) if self.weighting.spec.needs_base else None
-        inputs = TensorInputs(theta0, stored, None)
-        if self.weighting.spec.statistics is None:
+        theta0 = stored.pop(0) if w.spec.needs_base else None
+        inputs = TensorInputs(theta0, stored, None, w)
+        if w.spec.statistics is None:
             return inputs
         # Submitted before the tensor's chunks, so a worker takes it first (the pool is FIFO)
         # and the chunks waiting on it cannot starve it.

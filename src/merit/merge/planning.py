@@ -53,6 +53,9 @@ class MergeOptions:
         threads: worker threads for the arithmetic (default: the CPUs available, minus one for
             writing and hashing).
         progress: show a progress bar.
+        overrides: per-tensor weightings (:func:`~merit.merge.arithmetic.plan_weighting`) that
+            replace the method's for those tensors: learned per-layer coefficients, RegMean's
+            closed form for linear layers.
     """
 
     method: str = "linear"
@@ -68,6 +71,7 @@ class MergeOptions:
     metadata: dict | None = None
     hash_cache: str | Path | None = None
     threads: int | None = None
+    overrides: Mapping[str, Weighting] | None = None
     progress: bool = True
 
 
@@ -131,6 +135,9 @@ def plan_merge(
     base_specs, branch_specs, theta0, theta0_hashes = _check_checkpoints(
         base_dir, branch_dirs, out_dir, options
     )
+    unknown = sorted(set(options.overrides or {}) - set(base_specs))
+    if unknown:
+        raise MergeError(f"a per-tensor weighting names {unknown[0]!r}, not a tensor of the base")
     out_dtypes = {
         name: _output_dtype(spec.torch_dtype, options.dtype) for name, spec in base_specs.items()
     }
@@ -175,8 +182,14 @@ def _check_arguments(
     weighting = plan_weighting(
         weights, method=o.method, scale=o.scale, normalize=o.normalize, params=o.params
     )
-    if weighting.spec.needs_base and not o.base_is_theta0:
-        raise MergeError(f"method {weighting.method} needs θ0 as the base")
+    if weighting.spec.fitted and not o.overrides:
+        raise MergeError(
+            f"method {weighting.method} is fitted on {weighting.spec.fitted}: it runs in a run's "
+            f"merge stage (merit merge CONFIG with merging.method: {weighting.method})"
+        )
+    for w in (weighting, *(o.overrides or {}).values()):
+        if w.spec.needs_base and not o.base_is_theta0:
+            raise MergeError(f"method {w.method} needs θ0 as the base")
     if o.dtype is not None and o.dtype not in _OUTPUT_DTYPES:
         raise MergeError(f"dtype {o.dtype!r} is not one of {sorted(_OUTPUT_DTYPES)}")
     if o.max_shard_bytes <= 0:

@@ -11,7 +11,9 @@ from merit.errors import StageError
 from merit.graph import STAGES, Context, Stage
 from merit.hashing import cached_sha256
 from merit.merge.derived import derived_model, frozen
+from merit.merge.fitted import fitted_overrides
 from merit.merge.manifest import MergeManifest
+from merit.merge.methods import get_method
 from merit.merge.safetensors_io import distances_from
 from merit.merge.streaming import merge_checkpoints
 from merit.plan.stage import Plan, PlanGroup, plan_hash
@@ -117,8 +119,11 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
     weights = [g.weight for g in plan.groups]
     mc = run.cfg.merging
     params, selection = dict(mc.params), None
+    datasets = [g.datasets for g in plan.groups]
     if mc.select == "validation":
-        params, selection = _select_on_validation(run, dirs, weights)
+        params, selection = _select_on_validation(run, datasets, dirs, weights)
+    resolved = get_method(mc.method).validate(weights, params)
+    overrides, fitted = fitted_overrides(run, datasets, dirs, weights, mc.method, resolved)
     how = "" if mc.method == "linear" else f" by {mc.method} {params or ''}".rstrip()
     run.say("merging " + ", ".join(f"w{g.id}={g.weight:.3f}" for g in plan.groups) + how)
     manifest = merge_checkpoints(
@@ -138,7 +143,9 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
             "weights_from": "plan tokens N_k / Σ N_j",
             "tokens": [g.tokens for g in plan.groups],
             **({"selection": selection} if selection else {}),
+            **fitted,
         },
+        overrides=overrides,
         weights_from="plan tokens N_k / Σ N_j",
         keep=frozen(run),
         base_fingerprint=run.base.fingerprint,
@@ -152,7 +159,7 @@ def build_merge(run: Context, inputs: dict) -> MergeManifest:
     return manifest
 
 
-def _select_on_validation(run: Context, dirs: list[Path], weights: list[float]):
+def _select_on_validation(run: Context, datasets, dirs: list[Path], weights: list[float]):
     """The grid point of ``merging.grid`` whose merge has the lowest validation loss, and every
     point's loss (the curve recorded in the manifest). Each candidate is merged to a scratch
     directory, scored, and removed; the eval split and the unseen tasks are never read."""
@@ -162,8 +169,11 @@ def _select_on_validation(run: Context, dirs: list[Path], weights: list[float]):
     curve = []
     for params in mc.grid_points():
         shutil.rmtree(scratch, ignore_errors=True)
+        resolved = get_method(mc.method).validate(weights, params)
+        overrides, _ = fitted_overrides(run, datasets, dirs, weights, mc.method, resolved)
         merge_checkpoints(run.base.dir, dirs, weights, scratch, method=mc.method, params=params,
-                          dtype=mc.dtype, hash_cache=run.cache / "sha256", progress=False)  # fmt: skip
+                          dtype=mc.dtype, hash_cache=run.cache / "sha256", progress=False,
+                          overrides=overrides)  # fmt: skip
         loss = obj.loss(vector(obj, scratch, run.cfg.model.dtype))
         run.say(f"merge: {mc.method} {params}: validation loss {loss:.4f}")
         curve.append({"params": params, "validation_loss": loss})

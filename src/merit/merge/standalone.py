@@ -17,6 +17,7 @@ from merit.errors import ConfigError
 from merit.merge.card import describe_weights
 from merit.merge.errors import MergeError
 from merit.merge.manifest import MANIFEST_FILE, MergeManifest
+from merit.merge.mergekit_config import read_mergekit_config
 from merit.merge.methods import METHODS, MergeMethod, get_method
 from merit.merge.streaming import merge_checkpoints
 from merit.merge.verify import verify_merge
@@ -33,6 +34,7 @@ _STANDALONE_ONLY = (
     "max_shard_size",
     "threads",
     "no_hash_cache",
+    "mergekit_config",
 )
 
 
@@ -54,7 +56,7 @@ def merge_command(args: argparse.Namespace, extra: list[str]) -> int | None:
             if extra:
                 raise MergeError(f"unrecognized arguments: {' '.join(extra)}")
             return _verify_merge(args)
-        positionals = [args.config, *args.overrides, *extra]
+        positionals = [x for x in (args.config, *args.overrides, *extra) if x is not None]
         if args.out is None:
             given = [f"--{o.replace('_', '-')}" for o in _STANDALONE_ONLY if _given(args, o)]
             if given:
@@ -97,10 +99,37 @@ def _given(args: argparse.Namespace, option: str) -> bool:
 
 def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
     """`merit merge --out DIR CKPT ...`: merge any checkpoints, say exactly what was done."""
+    if args.mergekit_config:
+        return _mergekit_merge(args, checkpoints)
     method = get_method(args.method)  # an unknown name fails here, before any work
+    if method.fitted:
+        raise MergeError(
+            f"--method {method.name} is fitted on {method.fitted}: it runs in a run's merge "
+            f"stage (merit merge CONFIG with merging.method: {method.name})"
+        )
     params = _method_params(method, args)
     weights, weights_from = _weights(args, len(checkpoints))
     base, base_is_theta0 = (args.base, True) if args.base else (checkpoints[0], False)
+    return _run(args, base, base_is_theta0, checkpoints, weights, weights_from,
+                method=method.name, params=params, normalize=args.normalize, dtype=args.dtype)  # fmt: skip
+
+
+def _mergekit_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
+    """`merit merge --mergekit-config FILE --out DIR`: the YAML says what and how."""
+    clash = [f"--{o.replace('_', '-')}" for o in ("weights", "normalize", "base", "method",
+             *_PARAM_OPTIONS, "dtype") if _given(args, o)]  # fmt: skip
+    if clash or checkpoints:
+        what = ", ".join(clash) or "checkpoints"
+        raise MergeError(f"--mergekit-config gives the models and the method: drop {what}")
+    job = read_mergekit_config(args.mergekit_config)
+    get_method(job.method)
+    base = job.base or job.checkpoints[0]
+    return _run(args, base, job.base is not None, job.checkpoints, job.weights,
+                f"mergekit config {args.mergekit_config}", method=job.method, params=job.params,
+                normalize=job.normalize, dtype=job.dtype)  # fmt: skip
+
+
+def _run(args, base, base_is_theta0, checkpoints, weights, weights_from, **how) -> int:
     cache = None
     if not args.no_hash_cache:
         cache = Path(os.environ.get("MERIT_CACHE") or "~/.cache/merit").expanduser() / "sha256"
@@ -110,12 +139,9 @@ def _standalone_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
         checkpoints,
         weights,
         args.out,
-        method=method.name,
-        params=params,
-        normalize=args.normalize,
+        **how,
         weights_from=weights_from,
         base_is_theta0=base_is_theta0,
-        dtype=args.dtype,
         max_shard_bytes=_size(args.max_shard_size),
         hash_cache=cache,
         threads=args.threads,
@@ -233,6 +259,10 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
         "--density", type=float, metavar="P", help="the fraction of task vectors kept (TIES, DARE)"
     )
     g.add_argument("--seed", type=int, metavar="N", help="the seed of DARE's random drops")
+    _add_output_options(g)
+
+
+def _add_output_options(g) -> None:
     g.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="output dtype (default: base's)"
     )
@@ -244,6 +274,13 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--threads", type=int, metavar="N", help="arithmetic threads (default: CPUs − 1)"
+    )
+    g.add_argument(
+        "--mergekit-config",
+        metavar="FILE",
+        help="a mergekit YAML (merge_method, base_model, models, parameters) instead of CKPT ... "
+        "and the method options; methods: linear, task_arithmetic, ties, dare_linear, dare_ties, "
+        "model_stock",
     )
     g.add_argument(
         "--no-hash-cache",

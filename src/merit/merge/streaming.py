@@ -161,7 +161,12 @@ def execute(plan: MergePlan, staging: Path) -> dict[str, str]:
     workers and written as it is computed. Returns each shard's file name -> sha256."""
     mapped = MappedFiles()
     terms = MergeTerms(
-        plan.weighting, plan.base_specs, plan.branch_specs, mapped, plan.options.keep
+        plan.weighting,
+        plan.base_specs,
+        plan.branch_specs,
+        mapped,
+        plan.options.keep,
+        plan.options.overrides,
     )
     # One torch thread per worker: chunks are too small to split further, and torch's own
     # threads spin-wait badly on a busy machine. With one worker the writing thread computes
@@ -296,8 +301,13 @@ def _manifest(plan: MergePlan, theta0: str | None, inputs: dict[str, str]) -> Me
 
 
 def _accumulation(plan: MergePlan) -> str:
+    overrides = plan.options.overrides or {}
     used = {
-        _dtype_name(compute_dtype(plan.weighting, spec.torch_dtype, plan.out_dtypes[name]))
+        _dtype_name(
+            compute_dtype(
+                overrides.get(name, plan.weighting), spec.torch_dtype, plan.out_dtypes[name]
+            )
+        )
         for name, spec in plan.base_specs.items()
         if spec.is_floating
     }

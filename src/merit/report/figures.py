@@ -69,6 +69,24 @@ def loss_curve_figure(branches: Sequence[dict], joint: dict | None) -> bytes | N
     return png_bytes(fig)
 
 
+def coefficients_figure(groups: dict[str, list[float]], weights: Sequence[float]) -> bytes:
+    """Learned merge coefficients λ_k^g per layer group (bars), against the average's w_k."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 3.2))
+    names = list(groups)
+    k = len(weights)
+    width = 0.8 / k
+    for j in range(k):
+        xs = [i + (j - (k - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [groups[g][j] for g in names], width, color=group_color(j), label=f"branch {j}")
+        ax.hlines(weights[j], xs[0] - width / 2, xs[-1] + width / 2, colors=group_color(j),
+                  linestyles=":", lw=1)  # fmt: skip
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set(ylabel="λ_k (dotted: the average's w_k)")
+    ax.set_title("Learned merge coefficients per layer group (fitted on the validation split)")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
 def _tokens_by_family(rows: list[dict], plan: dict | None) -> dict[str, dict[int, int]]:
     """family -> plan group -> train tokens."""
     group = {d["name"]: d["group"] for d in plan["datasets"]} if plan else {}

@@ -23,7 +23,12 @@ from merit.evaluate.metrics import Metric, headline, present
 from merit.merge.manifest import MergeManifest
 from merit.plan.artifact import Plan, PlanGroup
 from merit.report.document import Document, write_documents
-from merit.report.figures import loss_curve_figure, mixture_figure, plan_figures
+from merit.report.figures import (
+    coefficients_figure,
+    loss_curve_figure,
+    mixture_figure,
+    plan_figures,
+)
 from merit.report.tables import (
     best_cells,
     cell,
@@ -214,6 +219,15 @@ def merge_section(doc: Document, rd: ReportData) -> None:
                 f"{m.total_bytes / 2**20:.1f} MiB, dtype {m.dtype or 'θ0'}), "
                 "weights " + ", ".join(f"{x:.3f}" for x in w) + "."
             )
+            if m.method != "linear":
+                doc.p(f"Method {m.method}: {m.formula}; parameters {m.params}.")
+            fit = m.metadata.get("learned")
+            if fit:
+                v = fit["validation_loss"]
+                doc.p(f"Learned coefficients: validation loss {v['start']:.4f} at the start, "
+                      f"{v['fitted']:.4f} fitted (best step {fit['best_step']}).")  # fmt: skip
+                doc.fig("coefficients", coefficients_figure(fit["groups"], w),
+                        "Learned merge coefficients per layer group")  # fmt: skip
         dist = rd.diagnostics.distances if rd.diagnostics else None
         if dist:
             rows = [[f"branch {i}", f"{d:.4g}"] for i, d in enumerate(dist["branches"])]

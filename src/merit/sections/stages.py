@@ -26,6 +26,9 @@ class MergingConfig(_Section):
         default_factory=dict, description="the method's parameters, e.g. {density: 0.3, scale: 2}"
     )
 
+    gram_examples: int = Field(
+        64, ge=1, description="regmean: training examples per branch its Grams are computed on"
+    )
     select: Literal["none", "validation"] = Field(
         "none",
         description="validation: try every point of `grid` and keep the merge of the lowest "
@@ -156,6 +159,22 @@ class CompareConfig(_Section):
         min_length=1,
         description="shrink: the α grid for θ0 + α(θ_joint − θ0)",
     )
+    merge_scales: list[float] = Field(
+        default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0],
+        min_length=1,
+        description="merges of trained branches (merit-2d+ta, +ties, random+...): the λ grid, "
+        "multiples of the merged task vector (1 = the average's step)",
+    )
+    merge_densities: list[float] = Field(
+        default_factory=lambda: [0.2, 0.5, 1.0],
+        min_length=1,
+        description="+ties rows: the density grid",
+    )
+    merge_params: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="+regmean / +learned rows: the method's parameters, e.g. "
+        "{learned: {steps: 12}, regmean: {alpha: 0.9}}",
+    )
     random_k: int = Field(4, ge=2, description="random: K of the random balanced split")
     random_draws: int = Field(3, ge=1, description="random: splits drawn per seed")
     soup_runs: int = Field(
@@ -179,6 +198,10 @@ class CompareConfig(_Section):
     def _grids(self) -> CompareConfig:
         if any(a <= 0 or a > 1.5 for a in self.alphas):
             raise ValueError("alphas must lie in (0, 1.5]")
+        if any(d <= 0 or d > 1 for d in self.merge_densities):
+            raise ValueError("merge_densities must lie in (0, 1]")
+        if any(s <= 0 for s in self.merge_scales):
+            raise ValueError("merge_scales are positive multiples")
         if any(m <= 0 for m in self.learning_rates):
             raise ValueError("learning_rates are positive multiples")
         return self

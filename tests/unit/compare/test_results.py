@@ -52,7 +52,7 @@ def test_family_means_and_table_cells():
     per = {"a__1": _rec([1.0], [1]), "a__2": _rec([3.0], [0]), "b": _rec([5.0], [1])}
     assert family_means(per) == {"a": 2.0, "b": 5.0}
     rows = [
-        {"label": "θ0", "budget": 0, "distance": 0.0, "train_loss": 2.0,
+        {"label": "θ0", "budget": 0, "steps": None, "distance": 0.0, "train_loss": 2.0,
          "summary": {"nll": 3.0, "nll_ci": [2.5, 3.5], "accuracy": 0.5, "accuracy_ci": None},
          "vs_joint": None, "unseen_summary": None, "unseen_vs_joint": None,
          "families": {"a": 2.0, "b": 5.0}},
@@ -60,8 +60,10 @@ def test_family_means_and_table_cells():
     md = table(rows).splitlines()
     assert md[0].split("|")[1:-1][-2:] == [" a NLL ", " b NLL "]
     cells = [c.strip() for c in md[2].strip("|").split("|")]
-    assert cells[:6] == ["θ0", "0.00", "0", "2.000", "3.000 [2.500, 3.500]", "50.0"]
+    assert cells[:7] == ["θ0", "0.00", "–", "0", "2.000", "3.000 [2.500, 3.500]", "50.0"]
     assert cells[-2:] == ["2.000", "5.000"]
+    rows[0]["steps"] = [16, 64]  # the fewest and most optimizer steps of the row's jobs
+    assert [c.strip() for c in table(rows).splitlines()[2].strip("|").split("|")][2] == "16–64"
 
 
 def _per(shift: float, n_tasks: int = 4, seed: int = 0) -> dict:

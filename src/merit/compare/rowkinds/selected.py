@@ -63,7 +63,7 @@ def _shrink(cmp: Comparison, row: Row) -> list:
             f"the joint model, scaled by α = {alpha:g} (chosen on the validation split)",
             "task_vector", alpha,
         )  # fmt: skip
-        made = Made(unit, joint.run, target, joint.tokens)
+        made = Made(unit, joint.run, target, joint.tokens, joint.steps)
         scores = cmp.dir / "scores" / f"{target.name}.json"
         s = score(made, f"{row.label}: α {alpha:g}", scores, "shrink")
         out.append((unit_record(made, s, alpha=alpha), s))
@@ -92,7 +92,8 @@ def _soup(cmp: Comparison, row: Row) -> list:
             members[0].run, target, [m.path for m in members], [1 / n] * n, meta,
             f"the uniform soup of {n} joint runs with other seeds",
         )  # fmt: skip
-        made = Made(units[0], members[0].run, target, sum(m.tokens for m in members))
+        steps = tuple(n for m in members for n in m.steps)
+        made = Made(units[0], members[0].run, target, sum(m.tokens for m in members), steps)
         s = score(made, row.label, cmp.dir / "scores" / f"{target.name}.json", "soup")
         out.append((unit_record(made, s, members=[m.unit.key for m in members]), s))
     return out

@@ -72,6 +72,9 @@ class MergeMethod:
         statistics: whole-tensor statistics for ``merge``, computed once per tensor.
         chunk_offset: ``merge`` also takes ``start=``, the chunk's first element in the tensor
             (element-wise randomness that must not depend on how the tensor is cut).
+        fitted: what the method is fitted on, for one fitted to data (RegMean's Grams, learned
+            coefficients): such a method runs only in a run's merge stage, which fits it and
+            passes per-tensor weightings (``overrides``) to the engine.
         order: place in listings (``--help``, error messages).
     """
 
@@ -85,6 +88,7 @@ class MergeMethod:
     merge: TensorMerge | None = None
     statistics: TensorStatistics | None = None
     chunk_offset: bool = False
+    fitted: str = ""
     order: int = 0
 
     def __post_init__(self) -> None:
