@@ -1,6 +1,6 @@
-"""Benchmark: merit's task_arithmetic and ties vs mergekit 0.1.5's, and the disk floor.
+"""Benchmark: merit's task_arithmetic, ties and model_stock vs mergekit 0.1.5's, and the disk floor.
 
-    python bench/merge_methods.py [--repeats 2] [--density 0.3]
+    python bench/merge_methods.py [--repeats 2] [--density 0.3] [--methods ties model_stock]
 
 The checkpoints of ``bench/merge.py`` (four bf16 fine-tunes of a 267.9M-parameter Llama, built
 once under ``/tmp/merit-bench-merge``, mergekit in its own venv): the first is θ0, the other three
@@ -37,7 +37,9 @@ import json, resource, sys, time
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+from merit.memory import keep_freed_memory
 from merit.merge.streaming import merge_checkpoints
+keep_freed_memory()  # as `merit merge` does
 t1, c1 = time.perf_counter(), cpu()
 base, ckpts, weights, out, method, params, cache = json.loads(sys.argv[1])
 merge_checkpoints(base, ckpts, weights, out, method=method, params=params, hash_cache=cache,
@@ -53,11 +55,13 @@ def mergekit_config(base: Path, dirs: list[Path], method: str, density: float, p
     models = [
         {"model": str(d), "parameters": {**params, "weight": w}} for d, w in zip(dirs, WEIGHTS)
     ]
+    if method == "model_stock":  # the weights take no part
+        models = [{"model": str(d)} for d in dirs]
     config = {
         "merge_method": method,
         "base_model": str(base),
         "models": models,
-        "parameters": {"normalize": method == "ties"},
+        "parameters": {} if method == "model_stock" else {"normalize": method == "ties"},
         "dtype": "float32",
         "out_dtype": "bfloat16",
     }
@@ -74,9 +78,9 @@ def _exact(method: str, density: float, theta0, thetas):
     if method == "task_arithmetic":
         return theta0 + sum(w * (t - theta0) for w, t in zip(WEIGHTS, thetas))
     m = get_method(method)
-    params = m.validate(WEIGHTS, {"density": density})
+    params = m.validate(WEIGHTS, {"density": density} if method == "ties" else {})
     flat0, flats = theta0.flatten(), [t.flatten() for t in thetas]
-    stats = m.statistics(flat0, flats, tuple(WEIGHTS), params)
+    stats = m.statistics(flat0, flats, tuple(WEIGHTS), params) if m.statistics else None
     out = m.merge(flat0.clone(), [t.clone() for t in flats], tuple(WEIGHTS), params, stats)
     return out.reshape(theta0.shape).to(torch.float64)
 

@@ -11,7 +11,7 @@ from merit.lm import DeviceError, resolve_device
 
 CHILD = """
 import sys, torch
-from merit.lm import keep_freed_memory
+from merit.memory import keep_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

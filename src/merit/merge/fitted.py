@@ -89,9 +89,11 @@ def _learned(run, dirs, weights, params) -> tuple[dict[str, Weighting], dict]:
     with tqdm(total=steps, desc="learned", unit="step", disable=not run.progress) as bar:
         result = fit_coefficients(fit, stop, space, init, steps, params["lr"], tick=bar.update)
     whole = _whole(fit, stop, space, init, torch.tensor(result.coefficients))
+    lowered = whole["fitted"] < whole["start"]
     run.say(
-        f"learned: validation loss {whole['start']:.4f} at λ = {params['scale']:g}·w, "
-        f"{whole['fitted']:.4f} fitted (step {result.best_step})"
+        f"learned: validation loss {whole['start']:.4f} at the start (λ = {params['scale']:g}·w), "
+        f"{whole['fitted']:.4f} fitted (step {result.best_step}): "
+        + ("lowered" if lowered else "did not lower it")
     )
     specs, _ = read_specs(run.base.dir)
     missing = [n for n in fit.names if n not in specs]
@@ -103,7 +105,7 @@ def _learned(run, dirs, weights, params) -> tuple[dict[str, Weighting], dict]:
         for name, g in zip(fit.names, labels)
     }  # fmt: skip
     record = {"groups": result.by_group(), "best_step": result.best_step,
-              "validation_loss": whole, "history": result.history}  # fmt: skip
+              "validation_loss": whole, "lowered": lowered, "history": result.history}  # fmt: skip
     return out, {"learned": record}
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from merit.errors import ConfigError
+from merit.memory import keep_freed_memory
 from merit.merge.card import describe_weights
 from merit.merge.errors import MergeError
 from merit.merge.manifest import MANIFEST_FILE, MergeManifest
@@ -130,6 +131,7 @@ def _mergekit_merge(args: argparse.Namespace, checkpoints: list[str]) -> int:
 
 
 def _run(args, base, base_is_theta0, checkpoints, weights, weights_from, **how) -> int:
+    keep_freed_memory()  # a per-tensor method's chunk temporaries reuse the heap, not fresh pages
     cache = None
     if not args.no_hash_cache:
         cache = Path(os.environ.get("MERIT_CACHE") or "~/.cache/merit").expanduser() / "sha256"

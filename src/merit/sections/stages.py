@@ -253,7 +253,7 @@ class RuntimeConfig(_Section):
     keep_freed_memory: bool = Field(
         True,
         description="keep freed memory in glibc's heap instead of unmapping it (CPU training spends "
-        "far less time in the kernel; see merit.lm.keep_freed_memory)",
+        "far less time in the kernel; see merit.memory.keep_freed_memory)",
     )
     cache_dir: str | None = Field(None, description="null = $MERIT_CACHE or ~/.cache/merit")
     # Branch checkpoints and launchers. Resume is exact, so none of these changes a

@@ -165,3 +165,24 @@ def test_ties_keeps_exactly_density_n_elements_with_ties_in_index_order():
     halves = [method.merge(theta0[a:b].clone(), [theta[a:b].clone()], (1.0,), p, stats, start=a)
               for a, b in ((0, 4), (4, 10))]  # fmt: skip
     assert torch.cat(halves).tolist() == whole.tolist()  # the same cut in any chunking
+
+
+@pytest.mark.parametrize("piece", [3, 4, 1 << 20])
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.5, 0.8])
+def test_the_streamed_cut_is_the_whole_tensors(monkeypatch, piece, density):
+    """The magnitude cut, computed piece by piece, keeps exactly ⌊density·n⌋ elements: those of
+    a stable sort by magnitude (ties in index order), whatever the piece size."""
+    from merit.merge.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "_PIECE", piece)
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(50, generator=g).bfloat16()
+    theta = (theta0.float() + torch.randint(-2, 3, (50,), generator=g) * 0.25).bfloat16()
+    t, cut = sparsify.magnitude_threshold(theta0, theta, density)
+    delta = theta.float() - theta0.float()
+    kept = sparsify.trim(delta.clone(), (t, cut), 0) != 0
+    k = int(density * 50)
+    order = torch.sort(-delta.abs(), stable=True).indices[:k]
+    expected = torch.zeros(50, dtype=torch.bool)
+    expected[order] = True
+    assert torch.equal(kept, expected & (delta != 0)) and int(kept.sum()) <= k
