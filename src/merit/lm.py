@@ -18,8 +18,8 @@ import torch
 from merit.artifacts import read_json, sha256_files, write_json
 from merit.config import RunConfig, RuntimeConfig
 from merit.errors import StageError
-from merit.memory import keep_freed_memory
 from merit.gguf import NAMED_MODELS, ModelSourceError, convert_gguf, is_gguf, named_model
+from merit.memory import keep_freed_memory
 from merit.vision import (
     Pixels,
     batch_pixels,
