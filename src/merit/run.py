@@ -160,7 +160,8 @@ class Run:
         print(f"[merit] {msg}", file=sys.stderr, flush=True)
 
 
-def record_timing(run: Run, name: str, seconds: float) -> None:
+def record_timing(run: Run, name: str, seconds: float | dict) -> None:
+    """A stage's seconds (or a record such as the overhead) into ``timings.json``."""
     path = run.paths.timings
     timings = read_json(path) if path.is_file() else {}
     timings[name] = seconds

@@ -38,6 +38,9 @@ def test_pipeline_end_to_end(tmp_path, mixture_specs, tiny_base, capsys):
     assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "MERIT K=2" in out and "joint" in out and "θ0 (base)" in out
+    assert "MERIT overhead: calibrate" in out and "of branch training" in out
+    recorded = json.loads((run / "timings.json").read_text())["overhead"]
+    assert recorded["seconds"] == sum(recorded["steps"].values()) and len(recorded["branches"]) == 2
 
     plan = json.loads((run / "plan.json").read_text())
     names = sorted(s["name"] for s in mixture_specs)

@@ -121,6 +121,13 @@ def test_report_is_self_contained_with_a_markdown_twin(reported):
     for f in figs:
         _png_size(reported / "report" / f)
     assert "MERIT K=2 vs joint" in md and "one basin" in md
+    # MERIT's overhead: calibration + planning + merge against the branches' training seconds.
+    timings = json.loads((reported / "timings.json").read_text())
+    seconds = [json.loads((reported / "branches" / f"branch-{k}" / "manifest.json").read_text())[
+        "seconds"] for k in range(2)]  # fmt: skip
+    share = sum(timings[s] for s in ("calibrate", "plan", "merge")) / sum(seconds)
+    assert f"MERIT overhead: calibrate {timings['calibrate']:.0f}s" in md
+    assert f"{share:.1%} of branch training" in md
     # One conflict-matrix picture: the report's is the plan stage's, byte for byte.
     plan_png = (reported / "plan_plots" / "cosine.png").read_bytes()
     assert (reported / "report" / "figures" / "conflict.png").read_bytes() == plan_png

@@ -268,11 +268,27 @@ def _ranking_claims(data: dict, where: str, stats: tuple) -> list[dict]:
         same = "held" if v == "could not be decided" else "did not hold"
         out.append({"claim": f"random split ≈ uniform soup ({where})", "verdict": same,
                     "detail": f"soup − random: {_ci(p)}"})  # fmt: skip
+    out += _merge_claims(data, where, stats)
     best = next((k for k in ("merit-3d", "merit-2d", "merit-1d") if k in data), None)
     if best and "joint" in data:
         v, p = _step(data, "joint", best, stats)
         out.append({"claim": f"{best} beats joint training ({where})", "verdict": v,
                     "detail": _ci(p)})  # fmt: skip
+    return out
+
+
+def _merge_claims(data: dict, where: str, stats: tuple) -> list[dict]:
+    """For each merge of MERIT-2D's branches beyond the average (``merit-2d+<m>``): does it beat
+    joint training, the shrinkage control, and the same merge of the random split's branches?"""
+    out = []
+    for key in (k for k in data if k.startswith("merit-2d+")):
+        rivals = [("joint", "joint training"), ("shrink", "the shrinkage control"),
+                  (f"random+{key.split('+', 1)[1]}", "the same merge of random branches")]  # fmt: skip
+        for rival, what in rivals:
+            if rival in data:
+                v, p = _step(data, rival, key, stats)
+                out.append({"claim": f"{key} beats {what} ({where})", "verdict": v,
+                            "detail": _ci(p)})  # fmt: skip
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from merit.artifacts import read_json
 from merit.config import RunConfig
 from merit.evaluate.models import READS, EvaluationResults, ModelScores, score_model
 from merit.evaluate.statistics import (
@@ -15,8 +16,10 @@ from merit.evaluate.statistics import (
     with_intervals,
 )
 from merit.graph import STAGES, Context, Stage
+from merit.overhead import Overhead, overhead
 from merit.plan.stage import Plan, plan_summary
-from merit.run import record_timing
+from merit.run import RunPaths, record_timing
+from merit.train.artifact import BranchManifest
 
 
 def model_dirs(run: Context, inputs: dict) -> dict[str, tuple[str, Path]]:
@@ -116,8 +119,22 @@ def run_command(ctx: Context) -> EvaluationResults:
     print("\nHeld-out metrics, averaged over datasets:\n")
     print(result.table)
     print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.run.timings.items()))
+    if (o := run_overhead(ctx)) is not None:
+        record_timing(ctx.run, "overhead", o.to_json())
+        print(o.line())
     print(f"results -> {ctx.paths.results_md}")
     return result
+
+
+def run_overhead(ctx: Context) -> Overhead | None:
+    """Calibration + planning + merge time against the branches' training seconds."""
+    seconds = []
+    for g in ctx.executor.get("plan").groups:
+        mp = RunPaths.manifest(ctx.paths.branch(g.id))
+        if mp.is_file():
+            seconds.append(BranchManifest.load(mp).seconds)
+    timings = read_json(ctx.paths.timings) if ctx.paths.timings.is_file() else {}
+    return overhead(timings, seconds)
 
 
 STAGES.register(

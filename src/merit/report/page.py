@@ -21,6 +21,7 @@ from merit.diagnose.artifact import Diagnostics
 from merit.diagnose.figures import diagnostic_figures
 from merit.evaluate.metrics import Metric, headline, present
 from merit.merge.manifest import MergeManifest
+from merit.overhead import overhead
 from merit.plan.artifact import Plan, PlanGroup
 from merit.report.document import Document, write_documents
 from merit.report.figures import (
@@ -407,6 +408,10 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     comparison_section(doc, rd)
     if rd.timings:
         with doc.section("timings", "Wall time per stage"):
-            doc.table(["stage", "seconds"], [[s, f"{v:.0f}"] for s, v in rd.timings.items()])
+            rows = [[s, f"{v:.0f}"] for s, v in rd.timings.items() if isinstance(v, int | float)]
+            doc.table(["stage", "seconds"], rows)
+            o = overhead(rd.timings, [m.seconds for m in rd.branches])
+            if o is not None:
+                doc.p(o.line() + ".")
     nav = [n for n in NAV if n[0] != "comparison" or rd.comparison]
     return write_documents(doc, rd.title, nav, Path(out_dir))

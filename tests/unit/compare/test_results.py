@@ -94,3 +94,19 @@ def test_claims_follow_the_paired_intervals():
     same = {k: _per(0.0) for k in ["joint", "merit-1d"]}
     (c, _m) = claims(same, {}, {}, stats)
     assert c["verdict"] == "could not be decided"
+
+
+def test_each_merge_of_merit_2d_is_tested_against_joint_the_control_and_random_branches():
+    stats = (300, 0.95, 0)
+    per = {"joint": _per(0.0), "shrink": _per(-0.5), "merit-2d+ta": _per(-0.3),
+           "random+ta": _per(-0.3), "merit-2d+ties": _per(-0.8)}  # fmt: skip
+    got = {c["claim"]: c for c in claims(per, {}, {}, stats)}
+    assert got["merit-2d+ta beats joint training (held-out examples)"]["verdict"] == "held"
+    assert got["merit-2d+ta beats the shrinkage control (held-out examples)"]["verdict"] == (
+        "did not hold"
+    )
+    assert got["merit-2d+ta beats the same merge of random branches (held-out examples)"][
+        "verdict"] == "could not be decided"  # fmt: skip
+    ties = got["merit-2d+ties beats the shrinkage control (held-out examples)"]
+    assert ties["verdict"] == "held" and ties["detail"].startswith("ΔNLL -0.300")
+    assert not any("random+ties" in c for c in got)  # no random+ties row: no such claim
