@@ -38,6 +38,7 @@ class RunPaths:
     base = property(lambda self: self.root / "base.json")
     sketches = property(lambda self: self.root / "calibration" / "sketches.safetensors")
     calibration = property(lambda self: self.root / "calibration" / "calibration.json")
+    sensitivity = property(lambda self: self.root / "calibration" / "sensitivity.json")
     plan = property(lambda self: self.root / "plan.json")
     plan_plots = property(lambda self: self.root / "plan_plots")
     launch_config = property(lambda self: self.root / "branches" / "launch.yaml")

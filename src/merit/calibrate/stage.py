@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,25 @@ from safetensors.torch import load_file, save_file
 from merit.artifacts import atomic_path, sha256_file
 from merit.calibrate.artifact import CalibrationRecord
 from merit.calibrate.gram import extend_gram
+from merit.calibrate.sensitivity import (
+    Sensitivity,
+    mean_curve,
+    recommend,
+    sensitivity_figure,
+    subset_curve,
+)
 from merit.calibrate.sketch import (
     Calibration,
+    CountSketch,
     SketchSpec,
     calibrate_model,
     check_spec,
+    fold,
+    mean_gradient_sketch,
     parameter_layout,
     part_dim,
     spec_dict,
+    split_parts,
 )
 from merit.errors import StageError
 from merit.graph import STAGES, Context, Stage
@@ -223,5 +235,81 @@ STAGE = STAGES.register(
         intact=current,
         show=lambda ctx, rec: f"calibrated {len(rec.datasets)} datasets -> {ctx.paths.sketches}",
         order=20,
+    )
+)
+
+
+def build_sensitivity(ctx: Context, inputs: dict) -> Sensitivity:
+    """The cosine of each sampled dataset's n-sample calibration gradient (its part sketches,
+    m of M) with a reference gradient over more training examples, and where it saturates."""
+    rec: CalibrationRecord = inputs["calibrate"]
+    cc, dc = ctx.cfg.calibration, ctx.cfg.diagnostics
+    if cc.microbatches < 2:
+        note = ("calibration size: no curve with calibration.microbatches = 1 (one part: no "
+                "smaller sample to compare); set it to 2 or more and calibrate again")  # fmt: skip
+        return Sensitivity({}, {}, note=note)
+    names = sorted(random.Random(dc.seed).sample(rec.datasets, min(dc.sensitivity_datasets,
+                                                                   len(rec.datasets))))  # fmt: skip
+    parts, refs = _reference_sketches(ctx, rec, names)
+    curves = {}
+    for name in names:
+        n_cal = len(ctx.encoded("calibration")[name])
+        sizes = [len(p) for p in split_parts(n_cal, cc.microbatches, cc.seed, name)]
+        i = rec.datasets.index(name)
+        curves[name] = subset_curve(parts[name], rec.part_tokens[i], sizes, refs[name],
+                                    dc.sensitivity_draws, dc.seed)  # fmt: skip
+    mean = mean_curve(curves)
+    pdim = part_dim(cc.sketch_dim, cc.microbatch_dim)
+    out = Sensitivity({n: len(_reference_examples(ctx, n)) for n in names}, curves,
+                      mean, recommend(mean), sketch_error=pdim**-0.5)  # fmt: skip
+    with atomic_path(ctx.paths.sensitivity.with_suffix(".png")) as tmp:
+        tmp.write_bytes(sensitivity_figure(out))
+    return out
+
+
+def _reference_examples(ctx: Context, name: str) -> list:
+    """The reference's examples: training examples (never the calibration's), seeded."""
+    dc, train = ctx.cfg.diagnostics, ctx.encoded("train")[name]
+    n = dc.sensitivity_reference or 4 * len(ctx.encoded("calibration")[name])
+    return random.Random(f"{dc.seed}:{name}").sample(train, min(n, len(train)))
+
+
+def _reference_sketches(ctx: Context, rec: CalibrationRecord, names: list[str]):
+    """Each dataset's part sketches, and its reference gradient's sketch folded to theirs."""
+    cc = ctx.cfg.calibration
+    tensors = sketch_tensors(ctx, rec)
+    start = np.cumsum([0] + [len(p) for p in rec.part_tokens])
+    model, sketcher = ctx.base.load(), CountSketch(SketchSpec(cc.sketch_dim, cc.seed))
+    pdim = part_dim(cc.sketch_dim, cc.microbatch_dim)
+    parts, refs = {}, {}
+    for name in names:
+        i = rec.datasets.index(name)
+        parts[name] = tensors["parts"][start[i] : start[i + 1]]
+        examples = _reference_examples(ctx, name)
+        if len(examples) < 2:
+            raise StageError(f"sensitivity: {name} has {len(examples)} training example(s) for a "
+                             "reference; set diagnostics.sensitivity_datasets lower or add data")  # fmt: skip
+        ctx.say(f"sensitivity: reference gradient of {name} on {len(examples)} training examples")
+        g = mean_gradient_sketch(model, examples, sketcher, cc.batch_size,
+                                 ctx.base.tokenizer.pad_token_id, streaming=cc.streaming)  # fmt: skip
+        refs[name] = fold(g.sketch, pdim)
+    return parts, refs
+
+
+SENSITIVITY_READS = (*READS, "diagnostics")
+
+STAGES.register(
+    Stage(
+        name="sensitivity",
+        help="calibration size: cosine of the n-sample calibration gradient with a larger "
+        "reference, per sampled dataset, and the n where it saturates",
+        reads=SENSITIVITY_READS,
+        needs=("data", "calibrate"),
+        artifact=Sensitivity,
+        path=lambda p: p.sensitivity,
+        build=build_sensitivity,
+        what="the calibration-size curve",
+        show=lambda ctx, s: s.line(),
+        order=25,
     )
 )

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from merit.calibrate.sensitivity import Sensitivity, sensitivity_figure
 from merit.compare.results import table_cells
 from merit.data.artifact import DataRecord
 from merit.diagnose.artifact import Diagnostics
@@ -45,6 +46,7 @@ NAV = (
     ("summary", "Summary"),
     ("mixture", "Mixture"),
     ("plan", "Plan"),
+    ("sensitivity", "Calibration size"),
     ("branches", "Branches"),
     ("merge", "Merge"),
     ("diagnostics", "Diagnostics"),
@@ -73,6 +75,7 @@ class ReportData:
     comparison: dict | None = None  # compare/results.json, when `merit compare` ran here
     comparison_figure: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    sensitivity: Sensitivity | None = None  # calibration/sensitivity.json, when computed
 
 
 def page_metrics(items: Iterable[Mapping | None]) -> list[Metric]:
@@ -144,6 +147,17 @@ def mixture_section(doc: Document, rd: ReportData) -> None:
         )
         figure = mixture_figure(rd.data.to_json(), rd.plan.to_json())
         doc.fig("mixture", figure, "Train tokens per dataset family")
+
+
+def sensitivity_section(doc: Document, s: Sensitivity | None) -> None:
+    """How many calibration samples the representative gradients need (``merit sensitivity``)."""
+    if s is None:
+        return
+    with doc.section("sensitivity", "Calibration size"):
+        doc.p(s.line() + ".")
+        if s.mean_curve:
+            doc.fig("sensitivity", sensitivity_figure(s),
+                    "Cosine of the n-sample calibration gradient with a larger reference")  # fmt: skip
 
 
 def _group_row(g: PlanGroup) -> list:
@@ -401,6 +415,7 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     summary_section(doc, rd)
     mixture_section(doc, rd)
     plan_section(doc, rd.plan)
+    sensitivity_section(doc, rd.sensitivity)
     branches_section(doc, rd)
     merge_section(doc, rd)
     diagnostics_section(doc, rd.diagnostics)
@@ -413,5 +428,6 @@ def build_report(rd: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
             o = overhead(rd.timings, [m.seconds for m in rd.branches])
             if o is not None:
                 doc.p(o.line() + ".")
-    nav = [n for n in NAV if n[0] != "comparison" or rd.comparison]
+    absent = {"comparison": not rd.comparison, "sensitivity": rd.sensitivity is None}
+    nav = [n for n in NAV if not absent.get(n[0])]
     return write_documents(doc, rd.title, nav, Path(out_dir))

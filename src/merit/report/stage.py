@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from merit.artifacts import Artifact, read_json
+from merit.calibrate.sensitivity import Sensitivity
 from merit.config import RunConfig
 from merit.evaluate.stage import needs_branches
 from merit.graph import STAGES, Context, Stage
@@ -54,6 +55,7 @@ def build(ctx: Context, inputs: dict) -> Report:
         comparison=compared,
         comparison_figure=figure.read_bytes() if compared and figure.is_file() else None,
         timings=read_json(ctx.paths.timings) if ctx.paths.timings.is_file() else {},
+        sensitivity=Sensitivity.load_if(ctx.paths.sensitivity),  # `merit sensitivity` ran here
     )
     html, md = build_report(rd, ctx.paths.report)
     return Report(str(html), str(md))

@@ -113,6 +113,14 @@ class DiagnosticsConfig(_Section):
     )
     hvp_step: float = Field(1e-2, gt=0, description="finite-difference step, parameter units")
     top_eigen: int = Field(3, ge=1, description="top Hessian eigen-directions in the gain split")
+    sensitivity_datasets: int = Field(
+        8, ge=1, description="merit sensitivity: datasets sampled for the calibration-size curve"
+    )
+    sensitivity_reference: int | None = Field(
+        None, ge=2, description="reference examples per dataset (training split, never the "
+        "calibration's); null = 4 × the calibration size",
+    )  # fmt: skip
+    sensitivity_draws: int = Field(20, ge=1, description="random part subsets per point")
     seed: int = 0
     # When a premise counts as holding (see merit.diagnose.verdicts).
     barrier_tolerance: float = Field(0.02, ge=0, description="barrier / endpoint loss")
