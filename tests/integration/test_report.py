@@ -88,7 +88,15 @@ def test_diagnostics_are_consistent(reported, capsys):
     assert d["generalization"]["merged"]["heldout"] == d["losses"]["θ̄"]
     assert d["examples"]["heldout"] == 20 and d["examples"]["heldout_tokens"] > 0
     # A verdict per premise, in words.
-    assert len(d["verdicts"]) == 5
+    assert len(d["verdicts"]) == 6
+    # Hessian–PCA alignment: the plan's one conflict axis against the top 3 eigenvectors at θ0,
+    # read in the calibration sketch; its verdict follows its z-score.
+    a = d["alignment"]
+    assert len(a["cos"]) == 1 and len(a["cos"][0]) == 3 and a["eigenvalues"] == d["gain"][
+        "eigenvalues"]  # fmt: skip
+    assert a["max_abs"] == max(abs(c) for c in a["cos"][0]) and a["random_sd"] > 0
+    (v,) = [v for v in d["verdicts"] if v["key"] == "targets_curvature"]
+    assert v["holds"] == (a["z"] > 3) and "z = " in v["why"]
     assert all(v["holds"] in (True, False, None) and len(v["why"]) > 20 for v in d["verdicts"])
     for name in ("barriers", "distances", "generalization", "perturbation", "gain"):
         w_, h_ = _png_size(reported / "diagnostics" / f"{name}.png")

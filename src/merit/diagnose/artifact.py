@@ -14,6 +14,7 @@ from merit.diagnose.verdicts import VERDICT_KEYS
 
 # Held-out losses are stored under these names (kept for files already written).
 BASE_LOSS, MERGED_LOSS, JOINT_LOSS = "θ0", "θ̄", "joint"
+_UNKEYED = 5  # the premises of files written before verdicts had keys
 
 
 def branch_name(i: int) -> str:
@@ -36,6 +37,9 @@ class Diagnostics(Artifact):
     hvps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)
+    alignment: dict = field(default_factory=dict)  # Hessian–PCA alignment, when measured
+    # The top Hessian eigenvectors at θ0 (Lanczos), in memory only: the alignment sketches them.
+    eigenvectors: object = field(default=None, metadata={"json": False}, repr=False)
 
     def verdict(self, key: str) -> dict | None:
         """The verdict of premise ``key`` (one of :data:`VERDICT_KEYS`), if judged."""
@@ -45,6 +49,6 @@ class Diagnostics(Artifact):
     def from_json(cls, obj: dict) -> Diagnostics:
         d = super().from_json(obj)
         # Files written before verdicts had keys list the same five premises in this order.
-        if len(d.verdicts) == len(VERDICT_KEYS) and not any("key" in v for v in d.verdicts):
+        if len(d.verdicts) == _UNKEYED and not any("key" in v for v in d.verdicts):
             d.verdicts = [{"key": k, **v} for k, v in zip(VERDICT_KEYS, d.verdicts)]
         return d

@@ -194,6 +194,7 @@ def measure(
         timings=timings,
         **parts,
     )
+    diag.eigenvectors = gain.vectors
     diag.verdicts = verdicts(diag.to_json(), Thresholds.from_settings(settings))
     diag.overall = overall(diag.verdicts)
     return diag

@@ -368,6 +368,7 @@ class Gain:
     predicted_per_branch: list[float]
     eigenvalues: list[float] = field(default_factory=list)
     eigen_split: list[float] = field(default_factory=list)  # contribution of each direction
+    vectors: torch.Tensor | None = field(default=None, repr=False)  # top eigenvectors (rows)
 
     @property
     def explained_by_top(self) -> float:
@@ -444,6 +445,7 @@ def merging_gain(
         wt = torch.tensor(w, dtype=torch.float64, device=proj.device)
         lam = torch.tensor(gain.eigenvalues, dtype=torch.float64, device=proj.device)
         gain.eigen_split = (0.5 * lam * (proj @ wt)).tolist()
+        gain.vectors = vecs[:k]
     return gain
 
 

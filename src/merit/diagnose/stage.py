@@ -7,16 +7,21 @@ from pathlib import Path
 import torch
 
 from merit.artifacts import write_json
+from merit.calibrate.artifact import CalibrationRecord
+from merit.calibrate.sketch import CountSketch, SketchSpec
+from merit.calibrate.stage import sketch_tensors
 from merit.config import RunConfig
+from merit.diagnose.alignment import alignment, conflict_directions
 from merit.diagnose.artifact import Diagnostics
 from merit.diagnose.figures import diagnostic_figures
 from merit.diagnose.measure import measure
 from merit.diagnose.premises import LMObjective, lm_batches
+from merit.diagnose.verdicts import Thresholds, overall, verdicts
 from merit.graph import STAGES, Context, Stage
 from merit.lm import Encoded, load_model
 from merit.plan.stage import Plan
 
-READS = ("seed", "model", "data", "diagnostics")
+READS = ("seed", "model", "data", "calibration", "diagnostics")
 
 
 def _sample(run: Context, split: str) -> list[Encoded]:
@@ -24,7 +29,9 @@ def _sample(run: Context, split: str) -> list[Encoded]:
     return run.sample(split, run.cfg.diagnostics.examples, run.cfg.diagnostics.seed)
 
 
-def _measure(run: Context, plan: Plan, joint_dir: Path | None) -> Diagnostics:
+def _measure(
+    run: Context, plan: Plan, joint_dir: Path | None, cal: CalibrationRecord | None
+) -> Diagnostics:
     dc = run.cfg.diagnostics
     heldout, train_ex = _sample(run, "eval"), _sample(run, "train")
     run.say(
@@ -56,6 +63,10 @@ def _measure(run: Context, plan: Plan, joint_dir: Path | None) -> Diagnostics:
         dc,
         run.progress,
     )
+    if diag.eigenvectors is not None and cal is not None:
+        diag.alignment = _alignment(run, plan, cal, obj, diag)
+        diag.verdicts = verdicts(diag.to_json(), Thresholds.from_settings(dc))
+        diag.overall = overall(diag.verdicts)
     diag.examples = {
         "heldout": len(heldout),
         "train": len(train_ex),
@@ -65,13 +76,39 @@ def _measure(run: Context, plan: Plan, joint_dir: Path | None) -> Diagnostics:
     return diag
 
 
+def _alignment(
+    run: Context, plan: Plan, cal: CalibrationRecord, obj: LMObjective, diag: Diagnostics
+) -> dict:
+    """The plan's conflict axes against the top Hessian eigenvectors at θ0, in the calibration's
+    CountSketch (the eigenvectors sketched by the same map)."""
+    cc = run.cfg.calibration
+    pos = {n: i for i, n in enumerate(cal.datasets)}
+    idx = [pos[d.name] for d in plan.datasets]
+    z = torch.tensor([d.z for d in plan.datasets], dtype=torch.float64)
+    sketches = sketch_tensors(run, cal)["sketches"][idx]
+    axes = conflict_directions(sketches, [cal.sq_norms[i] for i in idx], z)
+    sketcher = CountSketch(SketchSpec(cc.sketch_dim, cc.seed))
+    eigen = _sketched(sketcher, obj, diag.eigenvectors)
+    a = alignment(axes, eigen, diag.gain["eigenvalues"], obj.dim, seed=run.cfg.diagnostics.seed)
+    return {**a.to_json(), "line": a.line()}
+
+
+def _sketched(sketcher: CountSketch, obj: LMObjective, vectors: torch.Tensor) -> torch.Tensor:
+    """Each row of ``vectors`` (in the objective's parameter order) sketched by parameter name,
+    as calibration sketches gradients."""
+    sizes = [p.numel() for p in obj.params]
+    rows = [sketcher.sketch_named(zip(obj.names, v.split(sizes)), torch.device("cpu"))
+            for v in vectors.cpu()]  # fmt: skip
+    return torch.stack(rows)
+
+
 def build(run: Context, inputs: dict) -> Diagnostics:
     """Is θ0 merge-ready? Barriers, distances, train vs held-out loss, flatness, and the merging
     gain against its quadratic prediction (paper §4), with a verdict per premise; writes
     ``diagnostics/*.json`` and PNGs."""
     out_dir = run.paths.diagnostics
     joint_dir = run.paths.baseline("joint") / "model" if "joint" in inputs else None
-    diag = _measure(run, inputs["plan"], joint_dir)
+    diag = _measure(run, inputs["plan"], joint_dir, inputs.get("calibrate"))
     rec = diag.to_json()
     for key in ("barriers", "distances", "generalization", "perturbation", "gain", "verdicts"):
         write_json(out_dir / f"{key}.json", {key: rec[key]})
@@ -82,7 +119,7 @@ def build(run: Context, inputs: dict) -> Diagnostics:
 
 def needs(cfg: RunConfig) -> tuple[str, ...]:
     joint = ("joint",) if "joint" in cfg.training.baselines else ()
-    return ("plan", "train", "merge", *joint)
+    return ("calibrate", "plan", "train", "merge", *joint)
 
 
 def diagnostics_summary(diag: Diagnostics) -> str:

@@ -18,6 +18,7 @@ PREMISES: dict[str, str] = {
     "flat_basin": "a flat basin",
     "generalises": "the merge generalises better",
     "gain_is_variance": "the gain is curvature-weighted variance",
+    "targets_curvature": "the split targets high-curvature directions",
 }
 VERDICT_KEYS: tuple[str, ...] = tuple(PREMISES)
 
@@ -158,12 +159,23 @@ def _gain_is_variance(diag: dict, th: Thresholds) -> Judgement:
     )
 
 
+def _targets_curvature(diag: dict, _th: Thresholds) -> Judgement:
+    a = diag.get("alignment")
+    if not a:
+        return None, (
+            "no top Hessian eigenvectors to compare with (diagnostics.lanczos_iters = 0, one "
+            "branch, or no calibration sketches)."
+        )
+    return bool(a["targets_curvature"]), a["line"] + "."
+
+
 _JUDGES: dict[str, Callable[[dict, Thresholds], Judgement]] = {
     "one_basin": _one_basin,
     "near_theta0": _near_theta0,
     "flat_basin": _flat_basin,
     "generalises": _generalises,
     "gain_is_variance": _gain_is_variance,
+    "targets_curvature": _targets_curvature,
 }
 
 

@@ -26,10 +26,14 @@ def _diag(barrier: float, joint: float, rise: float, meas: float, pred: float) -
 
 def test_verdicts_follow_the_thresholds():
     good = verdicts(_diag(0.001, 2.6, 0.01, 0.02, 0.021), Thresholds())
-    assert [v["holds"] for v in good] == [True, True, True, True, True]
+    assert [v["holds"] for v in good] == [True, True, True, True, True, None]  # no alignment
     assert overall(good).startswith("θ0 is merge-ready")
     bad = verdicts(_diag(0.5, 1.1, 0.3, 0.02, 0.05), Thresholds())
-    assert [v["holds"] for v in bad] == [False, False, False, True, False]
+    assert [v["holds"] for v in bad] == [False, False, False, True, False, None]
+    aligned = {"targets_curvature": False, "line": "the split does not target ... (z = 0.4)"}
+    assert (
+        verdicts({**_diag(0.5, 1.1, 0.3, 0.02, 0.05), "alignment": aligned})[-1]["holds"] is False
+    )
     assert "barrier" in overall(bad) and "not merge-ready" in overall(bad)
     assert all(v["why"] for v in bad)
 
@@ -42,6 +46,7 @@ def test_verdict_keys_are_unique_stable_and_cover_every_premise():
         "flat_basin",
         "generalises",
         "gain_is_variance",
+        "targets_curvature",
     )
     assert len(set(VERDICT_KEYS)) == len(VERDICT_KEYS)
     for diag in (_diag(0.001, 2.6, 0.01, 0.02, 0.021), {}):  # judged, and nothing to judge
@@ -68,6 +73,7 @@ def test_diagnostics_round_trip_and_old_files_get_verdict_keys():
         "hvps": 2,
         "timings": {"losses": 0.1},
         "examples": {"heldout": 4},
+        "alignment": {},
         "stamp": {"version": 1},
     }
     rec["verdicts"] = verdicts(rec)
@@ -75,6 +81,7 @@ def test_diagnostics_round_trip_and_old_files_get_verdict_keys():
     d = Diagnostics.from_json(json.loads(json.dumps(rec)))
     assert d.to_json() == rec
     assert d.verdict("flat_basin")["holds"] is True and d.verdict("nonexistent") is None
-    # A file written before verdicts had keys: same five premises, in the same order.
-    old = {**rec, "verdicts": [{k: v for k, v in x.items() if k != "key"} for x in rec["verdicts"]]}
-    assert Diagnostics.from_json(old).verdicts == rec["verdicts"]
+    # A file written before verdicts had keys: the first five premises, in the same order.
+    five = rec["verdicts"][:5]
+    old = {**rec, "verdicts": [{k: v for k, v in x.items() if k != "key"} for x in five]}
+    assert Diagnostics.from_json(old).verdicts == five
