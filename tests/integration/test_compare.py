@@ -207,6 +207,30 @@ def test_merge_rows_reuse_the_trained_branches_and_choose_on_validation(
     assert "MERIT-2D (K=4) + TIES" in table and "steps/job" in table
 
 
+def test_a_learning_rate_sweep_trains_each_model_and_rate_once(tmp_path, eight_tasks, tiny_base):
+    train, unseen = eight_tasks
+    cfg = _config(tmp_path, train, unseen, tiny_base, rows=["joint", "merit-2d"],
+                  lr_sweep=[1.0, 2.0])  # fmt: skip
+    assert main(["compare", str(cfg)]) == 0
+    run = tmp_path / "run"
+    res = json.loads((run / "compare" / "results.json").read_text())
+    sweep = res["lr_sweep"]
+    assert [p["learning_rate"] for p in sweep] == [3e-3, 6e-3]
+    for p in sweep:
+        for where in ("heldout", "unseen"):
+            d = p[where]["difference"]
+            assert d["difference"] == pytest.approx(p[where]["merit"] - p[where]["joint"])
+    rows = {r["key"]: r for r in res["rows"]}  # at a multiple of 1 the sweep is the table's
+    assert sweep[0]["heldout"]["joint"] == pytest.approx(rows["joint"]["summary"]["nll"])
+    assert sweep[0]["heldout"]["merit"] == pytest.approx(rows["merit-2d"]["summary"]["nll"])
+    jobs = {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")}
+    assert len([p for p in jobs if p.parent.name == "joint"]) == 2  # joint at 1× and 2×
+    assert (run / "compare" / "lr_sweep.png").stat().st_size > 1000
+    assert "Learning-rate sweep" in (run / "compare" / "results.md").read_text()
+    assert main(["compare", str(cfg)]) == 0  # every (model, rate) reused
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")} == jobs
+
+
 def test_compare_resumes_after_a_kill(tmp_path, eight_tasks, tiny_base):
     train, unseen = eight_tasks
     rows = ["base", "joint", "merit-1d", "merit-2d"]

@@ -37,6 +37,7 @@ class CompareResults(Artifact):
     claims: list = field(default_factory=list)  # a verdict on each of the paper's claims
     table: str = ""
     settings: dict = field(default_factory=dict)
+    lr_sweep: list = field(default_factory=list)  # per rate: joint and MERIT, held out / unseen
 
 
 def pool(records: Sequence[Mapping[str, dict]]) -> dict[str, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from merit.artifacts import atomic_path
+from merit.compare.lr_sweep import run_sweep, sweep_figure, sweep_markdown
 from merit.compare.results import (
     REFERENCE,
     CompareResults,
@@ -110,10 +111,11 @@ def build(ctx: Context, _inputs: dict) -> CompareResults:
     for row in table_rows:
         done.append((row, cmp.row(row)))
     cmp.measure([rec for _, units in done for rec, _ in units])
-    return _write(cmp, done, time.perf_counter() - t0)
+    sweep = run_sweep(cmp) if ctx.cfg.compare.lr_sweep else []
+    return _write(cmp, done, time.perf_counter() - t0, sweep)
 
 
-def _write(cmp: Comparison, done: list, seconds: float) -> CompareResults:
+def _write(cmp: Comparison, done: list, seconds: float, sweep: list) -> CompareResults:
     ec = cmp.run.cfg.evaluation
     stats = (ec.bootstrap_samples, ec.confidence, ec.seed)
     per = {row.name: pool([s.datasets for _, s in units]) for row, units in done}
@@ -136,6 +138,7 @@ def _write(cmp: Comparison, done: list, seconds: float) -> CompareResults:
         diagnostics=diagnostics,
         claims=claims(per, unseen, diagnostics, stats),
         table=table(entries),
+        lr_sweep=sweep,
         settings={
             "compare": cmp.run.cfg.compare.model_dump(mode="json"),
             "version": COMPARE_VERSION,
@@ -145,6 +148,9 @@ def _write(cmp: Comparison, done: list, seconds: float) -> CompareResults:
     (cmp.dir / "results.md").write_text(_markdown(res, seconds))
     with atomic_path(cmp.dir / "gain.png") as tmp:
         tmp.write_bytes(gain_figure(entries))
+    if sweep:
+        with atomic_path(cmp.dir / "lr_sweep.png") as tmp:
+            tmp.write_bytes(sweep_figure(sweep))
     return res
 
 
@@ -165,6 +171,9 @@ def _markdown(res: CompareResults, seconds: float) -> str:
         )
     if res.claims:
         parts += ["\nThe paper's claims, as measured here:\n\n", claims_markdown(res.claims)]
+    if res.lr_sweep:
+        parts += ["\nLearning-rate sweep (joint training and MERIT at each rate; NLL, MERIT − "
+                  "joint paired):\n\n", sweep_markdown(res.lr_sweep)]  # fmt: skip
     for seed, sel in res.selection.items():
         for what, rec in sel.items():
             parts.append(

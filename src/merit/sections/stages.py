@@ -183,6 +183,11 @@ class CompareConfig(_Section):
         description="+regmean / +learned rows: the method's parameters, e.g. "
         "{learned: {steps: 12}, regmean: {alpha: 0.9}}",
     )
+    lr_sweep: list[float] = Field(
+        default_factory=list,
+        description="multiples of training.learning_rate at which joint training and the "
+        "config's own MERIT are both trained and scored (compare/lr_sweep.png); [] = off",
+    )
     random_k: int = Field(4, ge=2, description="random: K of the random balanced split")
     random_draws: int = Field(3, ge=1, description="random: splits drawn per seed")
     soup_runs: int = Field(
@@ -210,6 +215,8 @@ class CompareConfig(_Section):
             raise ValueError("merge_densities must lie in (0, 1]")
         if any(s <= 0 for s in self.merge_scales):
             raise ValueError("merge_scales are positive multiples")
+        if any(m <= 0 for m in self.lr_sweep):
+            raise ValueError("lr_sweep: positive multiples of training.learning_rate")
         if any(m <= 0 for m in self.learning_rates):
             raise ValueError("learning_rates are positive multiples")
         return self
