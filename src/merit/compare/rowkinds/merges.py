@@ -45,14 +45,10 @@ def _sha(path) -> str:
 
 def _line(cmp: Comparison, path, scales: list[float]) -> dict[float, float]:
     """Validation loss along θ0 + λ(θ − θ0) for the model at ``path``."""
-
-    def compute() -> dict[str, float]:
-        obj = cmp.validation
-        theta0 = obj.vector(cmp.run.base.load())
-        theta = select.vector(obj, path, cmp.run.cfg.model.dtype)
-        return {str(a): v for a, v in select.alpha_curve(obj, theta0, theta, scales).items()}
-
-    return {float(a): v for a, v in compute().items()}
+    obj = cmp.validation
+    theta0 = obj.vector(cmp.run.base.load())
+    theta = select.vector(obj, path, cmp.run.cfg.model.dtype)
+    return select.alpha_curve(obj, theta0, theta, scales)
 
 
 def _ties_curve(cmp: Comparison, made: Made, scratch) -> dict[tuple[float, float], float]:

@@ -159,7 +159,7 @@ def consensus(
     divisor = torch.zeros_like(theta0)
     for d, w in zip(deltas, weights):
         agree = d.sign().eq_(majority)
-        mixed.add_(d * agree)
+        mixed.addcmul_(d, agree)  # d·1 or d·0 is exact: the same sum as adding d * agree
         divisor.add_(agree, alpha=w)
     if normalize:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
