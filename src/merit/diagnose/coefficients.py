@@ -86,7 +86,7 @@ def fit_coefficients(
     space: Coefficients,
     init: torch.Tensor,
     steps: int = 20,
-    lr: float = 0.05,
+    lr: float = 0.01,
     patience: int = 4,
     tick: Callable[[], None] | None = None,
 ) -> Fit:

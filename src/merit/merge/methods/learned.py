@@ -34,7 +34,7 @@ METHODS.register(
             Param("scale", 1.0, "the starting point: λ_k = scale·w_k"),
             Param("groups", 4.0, "contiguous groups of transformer blocks (plus embeddings, rest)"),
             Param("steps", 20.0, "Adam steps at most (early stopping on part of the split)"),
-            Param("lr", 0.05, "Adam's learning rate on λ"),
+            Param("lr", 0.01, "Adam's learning rate on λ (λ_k starts near w_k ≈ 1/K)"),
         ),
         check=_check,
         fitted="the validation split",
