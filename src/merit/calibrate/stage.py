@@ -250,7 +250,7 @@ def build_sensitivity(ctx: Context, inputs: dict) -> Sensitivity:
         return Sensitivity({}, {}, note=note)
     names = sorted(random.Random(dc.seed).sample(rec.datasets, min(dc.sensitivity_datasets,
                                                                    len(rec.datasets))))  # fmt: skip
-    parts, refs = _reference_sketches(ctx, rec, names)
+    parts, refs, sizes_ref = _reference_sketches(ctx, rec, names)
     curves = {}
     for name in names:
         n_cal = len(ctx.encoded("calibration")[name])
@@ -260,7 +260,7 @@ def build_sensitivity(ctx: Context, inputs: dict) -> Sensitivity:
                                     dc.sensitivity_draws, dc.seed)  # fmt: skip
     mean = mean_curve(curves)
     pdim = part_dim(cc.sketch_dim, cc.microbatch_dim)
-    out = Sensitivity({n: len(_reference_examples(ctx, n)) for n in names}, curves,
+    out = Sensitivity(sizes_ref, curves,
                       mean, recommend(mean), sketch_error=pdim**-0.5)  # fmt: skip
     with atomic_path(ctx.paths.sensitivity.with_suffix(".png")) as tmp:
         tmp.write_bytes(sensitivity_figure(out))
@@ -275,13 +275,14 @@ def _reference_examples(ctx: Context, name: str) -> list:
 
 
 def _reference_sketches(ctx: Context, rec: CalibrationRecord, names: list[str]):
-    """Each dataset's part sketches, and its reference gradient's sketch folded to theirs."""
+    """Each dataset's part sketches, its reference gradient's sketch folded to theirs, and the
+    reference's number of examples."""
     cc = ctx.cfg.calibration
     tensors = sketch_tensors(ctx, rec)
     start = np.cumsum([0] + [len(p) for p in rec.part_tokens])
     model, sketcher = ctx.base.load(), CountSketch(SketchSpec(cc.sketch_dim, cc.seed))
     pdim = part_dim(cc.sketch_dim, cc.microbatch_dim)
-    parts, refs = {}, {}
+    parts, refs, counts = {}, {}, {}
     for name in names:
         i = rec.datasets.index(name)
         parts[name] = tensors["parts"][start[i] : start[i + 1]]
@@ -292,8 +293,8 @@ def _reference_sketches(ctx: Context, rec: CalibrationRecord, names: list[str]):
         ctx.say(f"sensitivity: reference gradient of {name} on {len(examples)} training examples")
         g = mean_gradient_sketch(model, examples, sketcher, cc.batch_size,
                                  ctx.base.tokenizer.pad_token_id, streaming=cc.streaming)  # fmt: skip
-        refs[name] = fold(g.sketch, pdim)
-    return parts, refs
+        refs[name], counts[name] = fold(g.sketch, pdim), len(examples)
+    return parts, refs, counts
 
 
 SENSITIVITY_READS = (*READS, "diagnostics")

@@ -139,12 +139,13 @@ class Comparison:
     def loss(self, path: Path) -> float:
         return select.losses(self.validation, {"m": path}, self.run.cfg.model.dtype)["m"]
 
-    def alpha_curve(self, joint: Path) -> dict[str, float]:
+    def alpha_curve(self, model: Path, grid: list[float] | None = None) -> dict[float, float]:
+        """Validation loss along θ0 + α(θ − θ0) for the model at ``model``, α on ``grid``
+        (default: ``compare.alphas``), smallest α first."""
         obj = self.validation
         theta0 = obj.vector(self.run.base.load())
-        theta = select.vector(obj, joint, self.run.cfg.model.dtype)
-        curve = select.alpha_curve(obj, theta0, theta, self.run.cfg.compare.alphas)
-        return {str(a): v for a, v in curve.items()}
+        theta = select.vector(obj, model, self.run.cfg.model.dtype)
+        return select.alpha_curve(obj, theta0, theta, grid or self.run.cfg.compare.alphas)
 
     def row(self, row: Row) -> list[tuple[dict, ModelScores]]:
         """Every unit of the row, produced and scored: (record, scores) each."""

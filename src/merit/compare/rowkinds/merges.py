@@ -43,14 +43,6 @@ def _sha(path) -> str:
     return sha256_file(mp) if mp.is_file() else job_sha(path)
 
 
-def _line(cmp: Comparison, path, scales: list[float]) -> dict[float, float]:
-    """Validation loss along θ0 + λ(θ − θ0) for the model at ``path``."""
-    obj = cmp.validation
-    theta0 = obj.vector(cmp.run.base.load())
-    theta = select.vector(obj, path, cmp.run.cfg.model.dtype)
-    return select.alpha_curve(obj, theta0, theta, scales)
-
-
 def _ties_curve(cmp: Comparison, made: Made, scratch) -> dict[tuple[float, float], float]:
     """(density, λ) -> validation loss: one TIES merge per density at λ = 1, then its line."""
     cc, (dirs, weights, _) = cmp.run.cfg.compare, _branches(made)
@@ -60,7 +52,7 @@ def _ties_curve(cmp: Comparison, made: Made, scratch) -> dict[tuple[float, float
         meta = {"inputs": inputs_of(dirs), "density": density}
         derived_model(made.run, target, dirs, weights, meta, "plan tokens N_k / Σ N_j", "ties",
                       params={"density": density})  # fmt: skip
-        for lam, v in _line(cmp, target, cc.merge_scales).items():
+        for lam, v in cmp.alpha_curve(target, cc.merge_scales).items():
             out[(density, lam)] = v
     return out
 
@@ -77,7 +69,7 @@ def _choose(cmp: Comparison, made: Made, method: str, scratch) -> tuple[dict, di
 def _choice(cmp: Comparison, made: Made, method: str, scratch) -> tuple[dict, dict]:
     cc = cmp.run.cfg.compare
     if method == "task_arithmetic":
-        curve = _line(cmp, made.path, cc.merge_scales)  # the average is λ = 1
+        curve = cmp.alpha_curve(made.path, cc.merge_scales)  # the average is λ = 1
         lam = select.best_key(curve)
         return {"scale": lam}, {str(k): v for k, v in curve.items()}
     if method == "ties":

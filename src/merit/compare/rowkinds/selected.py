@@ -48,9 +48,10 @@ def _shrink(cmp: Comparison, row: Row) -> list:
     for seed, (unit,) in cmp.by_seed(row).items():
         joint = produce(cmp.run, unit)
         key = f"alpha:{job_sha(joint.path)}:{sorted(alphas)}"
-        curve = {
-            float(a): v for a, v in cmp.memo(key, lambda j=joint: cmp.alpha_curve(j.path)).items()
-        }
+        kept = cmp.memo(
+            key, lambda j=joint: {str(a): v for a, v in cmp.alpha_curve(j.path).items()}
+        )
+        curve = {float(a): v for a, v in kept.items()}
         alpha = select.best_key(curve)  # the curve runs from the smallest α: ties move less
         cmp.selection.setdefault(str(seed), {})["alpha"] = {
             "validation_loss": {str(a): v for a, v in curve.items()},
