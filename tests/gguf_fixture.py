@@ -152,3 +152,17 @@ def write_gguf(path: Path, model, tokenizer) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def dequantize_kwargs() -> dict:
+    """Ask transformers' own GGUF loader for plain dense weights (the reference merit's
+    tensor-by-tensor conversion is checked against), where its version can keep them packed."""
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}

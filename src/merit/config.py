@@ -232,6 +232,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
             p = Path(spec.path).expanduser()
             if not p.is_absolute() and not (base_dir / p).exists() and p.exists():
                 continue  # relative to the working directory, as the user typed it
+            if not (p.is_absolute() or (base_dir / p).exists()) and spec.is_hub(exists=False):
+                continue  # a hub id, not a path
             spec.path = str(p if p.is_absolute() else base_dir / p)
             if spec.image_dir is not None:
                 d = Path(spec.image_dir).expanduser()

@@ -1,7 +1,7 @@
 """GGUF files and named models as θ0: turned once into ordinary Hugging Face model folders.
 
-:func:`convert_gguf` reads a ``.gguf`` file with transformers' GGUF loader, dequantizes every
-weight, and writes ``cache_dir/models/gguf-<sha256[:16]>/``: safetensors weights (float32), a
+:func:`convert_gguf` reads a ``.gguf`` file tensor by tensor (gguf-py's reader and dequantizer,
+transformers' name map and fix-ups), and writes ``cache_dir/models/gguf-<sha256[:16]>/``: safetensors weights (float32), a
 ``config.json`` without any quantization entry, the tokenizer and chat template the file carries,
 and ``merit_source.json`` recording where it came from. The folder is keyed by the file's content,
 written under a temporary name and renamed into place, so it either exists complete or not at
@@ -23,7 +23,7 @@ import shutil
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from merit.artifacts import sha256_file, write_json
 from merit.fetch import FetchError, one_line, pypi_file
@@ -178,101 +178,156 @@ def _transformers_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
-def _dequantize_kwargs() -> dict[str, Any]:
-    """Ask transformers for plain dense weights where its GGUF loader can keep them packed."""
-    import inspect
-
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantize GGUF weights
-        return {}
-    if "dequantize" not in inspect.signature(GgufConfig).parameters:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
+# Weights are written as they are dequantized, in shards of at most this many bytes, so the
+# conversion holds one shard and one tensor, never the model twice (transformers' GGUF loader
+# materialises every tensor, then a model, then the copy that sheds its quantizer).
+_SHARD_BYTES = 1 << 30
 
 
-def _load_gguf(gguf_file: Path, arch: str):
-    """(model, tokenizer) from a GGUF file, the model dequantized to float32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _gguf_args(gguf_file: Path) -> tuple[str, str]:
     # An absolute path: transformers tries a bare file name against the working directory first.
-    folder, name = str(gguf_file.parent), str(gguf_file.resolve())
+    return str(gguf_file.parent), str(gguf_file.resolve())
+
+
+def _load_tokenizer(gguf_file: Path, arch: str):
+    from transformers import AutoTokenizer
+
+    folder, name = _gguf_args(gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs()
-        )
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise ModelSourceError(
             f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
         ) from e
-    return model, tokenizer
 
 
-def _dense_copy(loaded, tokenizer):
-    """A fresh model with ``loaded``'s weights, free of the GGUF quantizer that blocks saving."""
-    import copy
-
+def _dense_config(gguf_file: Path, arch: str, tokenizer):
+    """θ0's config as a plain float32 model's: no quantization entry, the GGUF's token ids."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = copy.deepcopy(loaded.config)
+    folder, name = _gguf_args(gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise ModelSourceError(
+            f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
+        ) from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # The GGUF's tokenizer ids are the truth; llama's config class defaults would otherwise leak in.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key, None))
-    state = loaded.state_dict()
-    # Weights left packed in GGUF blocks would be uint8: the copy must get plain float32 only.
-    for key, t in state.items():
-        if t.dtype == torch.uint8 or (t.is_floating_point() and t.dtype != torch.float32):
-            raise ModelSourceError(f"GGUF weight {key} did not dequantize to float32 ({t.dtype})")
     config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    model.generation_config.bos_token_id = config.bos_token_id
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    return model.eval()
+    return config
+
+
+def _hf_tensors(gguf_file: Path, arch: str, config, progress: bool):
+    """(name, float32 tensor) of θ0 in Hugging Face names, one tensor at a time: transformers'
+    own name map and per-architecture fix-ups (llama's q/k un-permuted), on a meta model."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    parsed = load_gguf_checkpoint(str(gguf_file.resolve()), return_tensors=False)
+    parsed["tensors"] = {}  # where some processors put what they assemble themselves
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    mapping = get_gguf_hf_weights_map(meta, processor)
+    expected = set(meta.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")  # tied: from_pretrained ties it to the embeddings
+    reader = GGUFReader(gguf_file)
+    for t in tqdm(reader.tensors, desc="GGUF tensors", disable=not progress, leave=False):
+        w = dequantize(t.data, t.tensor_type)
+        r = processor.process(weights=w, name=t.name, tensor_key_mapping=mapping,
+                              parsed_parameters=parsed)  # fmt: skip
+        found = [(mapping[r.name], r.weights)] if r.name in mapping else []
+        found += list(parsed["tensors"].items())
+        parsed["tensors"].clear()
+        for key, value in found:
+            expected.discard(key)
+            yield key, torch.from_numpy(np.array(value, dtype=np.float32))
+    if expected:
+        raise ModelSourceError(
+            f"{gguf_file}: no weights for {len(expected)} parameter(s) of the {arch} model "
+            f"(e.g. {sorted(expected)[0]})"
+        )
+
+
+def _write_weights(tensors, out: Path) -> int:
+    """Safetensors shards of at most ``_SHARD_BYTES`` (one ``model.safetensors`` when it fits,
+    else numbered shards and their index, as ``save_pretrained`` writes them); parameters."""
+    from safetensors.torch import save_file
+
+    shards: list[dict] = [{}]
+    sizes, params, files = [0], 0, []
+
+    def flush() -> None:
+        path = out / f".shard-{len(files):05d}.safetensors"
+        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        files.append((path, list(shards[-1])))
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    for key, tensor in tensors:
+        if sizes[-1] and sizes[-1] + tensor.nbytes > _SHARD_BYTES:
+            flush()
+        shards[-1][key] = tensor
+        sizes[-1] += tensor.nbytes
+        params += tensor.numel()
+    flush()
+    total = sum(f.stat().st_size for f, _ in files)
+    if len(files) == 1:
+        files[0][0].rename(out / "model.safetensors")
+        return params
+    index: dict = {"metadata": {"total_size": total}, "weight_map": {}}
+    for i, (path, keys) in enumerate(files, start=1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        path.rename(out / name)
+        index["weight_map"].update(dict.fromkeys(keys, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return params
 
 
 def _write_hf_folder(gguf_file: Path, out: Path, arch: str, source: dict, progress: bool) -> None:
     """Write the HF form of ``gguf_file`` (weights, config, tokenizer, merit_source.json) into ``out``."""
-    import inspect
-
     import transformers
     from tqdm.auto import tqdm
+    from transformers import GenerationConfig
 
-    steps = ["read GGUF", "rebuild model", "save weights", "save tokenizer"]
+    steps = ["read tokenizer", "write weights", "save config and tokenizer"]
     with (
         tqdm(total=len(steps), desc=f"GGUF → HF {gguf_file.name}", disable=not progress) as bar,
         _transformers_bars(progress),
     ):
         bar.set_postfix_str(steps[0])
-        loaded, tokenizer = _load_gguf(gguf_file, arch)
+        tokenizer = _load_tokenizer(gguf_file, arch)
+        config = _dense_config(gguf_file, arch, tokenizer)
         bar.update()
         bar.set_postfix_str(steps[1])
-        model = _dense_copy(loaded, tokenizer)
-        del loaded
+        params = _write_weights(_hf_tensors(gguf_file, arch, config, progress), out)
         bar.update()
         bar.set_postfix_str(steps[2])
-        save_kwargs = {}
-        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
-            save_kwargs["safe_serialization"] = True  # older transformers default to pickles
-        model.save_pretrained(out, **save_kwargs)
-        bar.update()
-        bar.set_postfix_str(steps[3])
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
         tokenizer.save_pretrained(out)
         bar.update()
-    params = sum(p.numel() for p in model.parameters())
     record = {
         **source,
         "architecture": arch,
         "dtype": "float32",
         "parameters": params,
-        "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "transformers_version": transformers.__version__,
     }
     (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

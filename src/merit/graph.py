@@ -22,7 +22,7 @@ from merit.config import ConfigError, RunConfig, changed_keys
 from merit.errors import StageError
 from merit.lm import Base, Encoded, cache_dir
 from merit.registry import Registry
-from merit.run import Run, RunPaths, record_timing
+from merit.run import Run, RunPaths, record_peak_memory, record_timing
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ class Context:
 
     @property
     def mixture(self):
-        return self.corpus.mixture
+        """The mixture as the stages read it (``data.overlong`` applied: needs θ0's tokenizer)."""
+        return self.corpus.fitted(self.base)
 
     @property
     def is_demo(self) -> bool:
@@ -93,15 +94,16 @@ class Context:
         return self.corpus.sample(split, n, seed, self.base)
 
     def validate(self) -> None:
-        """Checks that need the data but no model: run before anything is written or trained."""
-        if not self.is_demo:  # find (check, download, convert) θ0 now; the demo's is trained later
-            _ = self.base.dir
+        """Checks that need the data but no trained model: run before anything is written."""
+        # Find (check, download, convert) θ0 now and apply data.overlong (which needs its
+        # tokenizer); the demo's θ0 is trained later.
+        mixture = self.corpus.mixture if self.is_demo else self.corpus.fitted(self.base)
         if self.cfg.runtime.launcher == "ray" and importlib.util.find_spec("ray") is None:
             raise ConfigError(
                 "runtime.launcher=ray needs Ray, which is not installed: pip install 'merit[ray]' "
                 "(or use --launcher local)"
             )
-        n = len(self.mixture.datasets)
+        n = len(mixture.datasets)
         if n == 0:
             raise ConfigError("the mixture has no datasets")
         pc = self.cfg.planning
@@ -188,6 +190,7 @@ class Executor:
         run = self.ctx.run
         run.timings[name] = run.timings.get(name, 0.0) + seconds
         record_timing(run, name, run.timings[name])
+        record_peak_memory(run, name)
 
 
 def _load(stage: Stage, path: Path) -> Artifact | None:

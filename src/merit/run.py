@@ -167,3 +167,20 @@ def record_timing(run: Run, name: str, seconds: float | dict) -> None:
     timings = read_json(path) if path.is_file() else {}
     timings[name] = seconds
     write_json(path, timings)
+
+
+def record_peak_memory(run: Run, name: str) -> dict[str, float]:
+    """Peak resident memory (GB) of this process and of its largest child process, as stage
+    ``name`` ends, into ``timings.json["peak_rss_gb"]``: both only ever rise, so the stage
+    whose figure first reaches the run's peak is the one that sets it."""
+    import resource
+
+    def gb(who: int) -> float:
+        return round(resource.getrusage(who).ru_maxrss / 2**20, 2)  # Linux: KiB
+
+    peak = {"process": gb(resource.RUSAGE_SELF), "children": gb(resource.RUSAGE_CHILDREN)}
+    path = run.paths.timings
+    timings = read_json(path) if path.is_file() else {}
+    timings.setdefault("peak_rss_gb", {})[name] = peak
+    write_json(path, timings)
+    return peak

@@ -42,15 +42,15 @@ def test_scores_equal_the_gguf_loaded_directly(gguf_run):
     """θ0's per-example answer log-probabilities are the GGUF's own, to 1e-4."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gguf_fixture import dequantize_kwargs
     from merit.config import load_config
     from merit.context import open_context
     from merit.evaluate.scoring import evaluate_model
-    from merit.gguf import _dequantize_kwargs
     from merit.run import Run
 
     path = gguf_run["gguf"]
     direct = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=str(path), dtype=torch.float32, **_dequantize_kwargs()
+        str(path.parent), gguf_file=str(path), dtype=torch.float32, **dequantize_kwargs()
     )
     run = open_context(Run(load_config(gguf_run["cfg"])))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gguf_fixture import CHATML, build_model, build_tokenizer, write_gguf
+from gguf_fixture import CHATML, build_model, build_tokenizer, dequantize_kwargs, write_gguf
 from merit import fetch
 from merit import gguf as mg
 from merit.gguf import NAMED_MODELS, ModelSourceError, convert_gguf, is_gguf, named_model
@@ -107,7 +107,7 @@ def test_converted_logits_match_direct_gguf_load(tiny, converted):
 
     source, tokenizer, path = tiny
     direct = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=str(path), dtype=torch.float32, **mg._dequantize_kwargs()
+        str(path.parent), gguf_file=str(path), dtype=torch.float32, **dequantize_kwargs()
     )
     model = AutoModelForCausalLM.from_pretrained(converted)
     ids = torch.tensor([tokenizer("the capital of france is paris")["input_ids"]])
@@ -115,6 +115,22 @@ def test_converted_logits_match_direct_gguf_load(tiny, converted):
         logits = model(ids).logits
         torch.testing.assert_close(logits, direct(ids).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(logits, source(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_large_models_are_written_in_shards_with_an_index(tiny, converted, tmp_path, monkeypatch):
+    """Weights go out tensor by tensor in bounded shards; the sharded folder is the same model."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(mg, "_SHARD_BYTES", 64 << 10)
+    sharded = convert_gguf(tiny[2], tmp_path, progress=False)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert not (sharded / "model.safetensors").exists()
+    assert not list(sharded.glob(".shard-*"))
+    a = AutoModelForCausalLM.from_pretrained(converted).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cache_reuse_is_keyed_by_content(tiny, tmp_path, monkeypatch):

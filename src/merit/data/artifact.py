@@ -16,6 +16,14 @@ class DataRecord(Artifact):
     datasets: list[dict]
     unseen: list[dict] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # Left out: a split they need had only examples over model.max_length (data.overlong=drop).
+    too_long: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if not out["too_long"]:  # a run that leaves nothing out keeps its data.json
+            del out["too_long"]
+        return out
 
 
 def data_table(rec: DataRecord) -> str:
@@ -50,8 +58,38 @@ def data_table(rec: DataRecord) -> str:
     if unseen := rec.unseen:
         names = ", ".join(u["name"] for u in unseen[:6]) + (" …" if len(unseen) > 6 else "")
         lines.append(f"unseen tasks (never trained on; evaluated): {len(unseen)} [{names}]")
+    if over := overlong_line(rec):
+        lines.append(over)
+    if rec.too_long:
+        lines.append(
+            "left out (every example of a split they need is over model.max_length): "
+            + ", ".join(rec.too_long)
+        )
     if dropped := rec.dropped:
         lines.append(
             f"left out of training (they share examples with unseen tasks): {', '.join(dropped)}"
         )
     return "\n".join(lines)
+
+
+_DONE = {"drop": "dropped", "truncate": "truncated", "error": "refused"}
+
+
+def overlong_line(rec: DataRecord) -> str:
+    """How many examples were over ``model.max_length`` and what was done, per dataset."""
+    rows = [(r["name"], r["overlong"]) for r in rec.datasets + rec.unseen if r.get("overlong")]
+    if not rows:
+        return ""
+    o = rows[0][1]
+
+    def counts(x: dict) -> dict:
+        return {k: n for k, n in x["splits"].items() if k != "emptied"}
+
+    per = ", ".join(
+        f"{name} {' + '.join(f'{n} {split}' for split, n in counts(x).items())}" for name, x in rows
+    )
+    total = sum(n for _, x in rows for n in counts(x).values())
+    return (
+        f"{total} example(s) over model.max_length={o['max_length']} tokens, "
+        f"{_DONE[o['action']]} (data.overlong={o['action']}): {per}"
+    )

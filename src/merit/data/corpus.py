@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
@@ -11,7 +13,8 @@ import numpy as np
 
 from merit.config import RunConfig
 from merit.data.bigbench import resolve_bigbench
-from merit.data.mixture import Mixture, encode, load_mixture
+from merit.data.formats import DataError
+from merit.data.mixture import Mixture, MixtureDataset, encode, load_mixture, token_lengths
 from merit.errors import StageError
 from merit.lm import Base, Encoded
 
@@ -32,6 +35,10 @@ def stratified_sample(per_dataset: dict[str, Sequence[T]], n: int, seed: int) ->
     return out
 
 
+# The splits that are trained on (and so are tokenized with data.loss_on and cached here).
+_TRAINED = ("calibration", "validation", "train")
+
+
 class Corpus:
     """The mixture of a run (BIG-bench resolved first, if used) and its tokenized splits."""
 
@@ -39,6 +46,7 @@ class Corpus:
         self.cfg = cfg
         self.cache = cache
         self._encoded: dict[str, dict[str, list[Encoded]]] = {}
+        self._fitted: Mixture | None = None
 
     @cached_property
     def bigbench_dir(self) -> Path | None:
@@ -46,29 +54,84 @@ class Corpus:
 
     @cached_property
     def mixture(self) -> Mixture:
+        """The mixture as loaded and split, before ``data.overlong`` (see :meth:`fitted`)."""
         demo = self.cfg.model.path == "demo"
         base = self.cfg.model.demo.examples_per_dataset if demo else 0
         return load_mixture(self.cfg.data, self.bigbench_dir, base_examples=base)
 
-    def encode(self, examples: list, base: Base) -> list[Encoded]:
+    def fitted(self, base: Base) -> Mixture:
+        """The mixture every stage reads: ``data.overlong`` applied to each split once per
+        process (its trained splits tokenized on the way, and kept)."""
+        if self._fitted is None:
+            raw = self.mixture
+            if base.is_vision:  # image-text examples are never cut
+                self._fitted = raw
+            else:
+                fit = [self._fit(d, base, trained=True) for d in raw.datasets]
+                unseen = [self._fit(d, base, trained=False) for d in raw.unseen]
+                # A dataset with a split left empty cannot be calibrated, trained or scored.
+                out = sorted(d.name for d in fit + unseen if d.overlong.get("emptied"))
+                self._fitted = replace(
+                    raw, datasets=[d for d in fit if d.name not in out],
+                    unseen=[d for d in unseen if d.name not in out], too_long=out,
+                )  # fmt: skip
+        return self._fitted
+
+    def _fit(self, d: MixtureDataset, base: Base, trained: bool) -> MixtureDataset:
+        """``d`` with its examples over ``model.max_length`` refused, dropped or kept to be
+        truncated (``data.overlong``), counted per split; ``overlong["emptied"]`` names a split
+        that dropping left empty (the dataset is then left out of the mixture)."""
+        limit, policy = self.cfg.model.max_length, self.cfg.data.overlong
+        splits, over = dict(d.splits), {}
+        for split in (*_TRAINED, "eval") if trained else ("eval",):
+            examples = d.examples(split)
+            if split == "eval":
+                sizes = token_lengths(base.processor, examples, choices=True)
+            else:
+                enc = self.encode(examples, base, max_length=sys.maxsize)
+                sizes = [len(e.input_ids) for e in enc]
+            bad = [i for i, n in enumerate(sizes) if n > limit]
+            if bad and policy == "error":
+                i = bad[0]
+                raise DataError(
+                    f"{d.name}: {examples[i].source}: {sizes[i]} tokens, over model.max_length="
+                    f"{limit} ({len(bad)} such in its {split} split; data.overlong=error: set "
+                    "drop or truncate, or raise model.max_length)"
+                )
+            keep = [i for i in range(len(examples)) if policy == "truncate" or sizes[i] <= limit]
+            if bad:
+                over[split] = len(bad)
+                splits[split] = [splits[split][i] for i in keep]
+            if not splits[split] and examples:
+                over["emptied"] = split
+            if split != "eval":  # kept: what training reads (uncut, or cut to the budget)
+                if bad and policy == "truncate":
+                    enc = self.encode(examples, base)
+                self._encoded.setdefault(split, {})[d.name] = [enc[i] for i in keep]
+        return replace(d, splits=splits, overlong=over)
+
+    def encode(self, examples: list, base: Base, max_length: int | None = None) -> list[Encoded]:
+        """Examples as training reads them (``data.loss_on``), cut to ``model.max_length``."""
         if not base.is_vision and any(ex.images for ex in examples):
             raise StageError(
                 f"the data has images but θ0 ({self.cfg.model.path}) is a text-only model"
             )
-        return encode(base.processor, examples, self.cfg.model.max_length)
+        limit = max_length or self.cfg.model.max_length
+        return encode(base.processor, examples, limit, self.cfg.data.loss_on)
 
     def encoded(self, split: str, base: Base) -> dict[str, list[Encoded]]:
         """Tokenized examples of one split, per dataset (tokenized once per process)."""
+        mixture = self.fitted(base)
         if split not in self._encoded:
             self._encoded[split] = {
-                d.name: self.encode(d.examples(split), base) for d in self.mixture.datasets
+                d.name: self.encode(d.examples(split), base) for d in mixture.datasets
             }
         return self._encoded[split]
 
     def sample(self, split: str, n: int | None, seed: int, base: Base) -> list[Encoded]:
         """``n`` tokenized examples of ``split`` spread over datasets (all when ``n`` is None).
         Sampled first, tokenized after: the train split of 256 datasets is large."""
-        raw = {d.name: d.examples(split) for d in self.mixture.datasets}
+        raw = {d.name: d.examples(split) for d in self.fitted(base).datasets}
         if n is not None:
             raw = {"": stratified_sample(raw, n, seed)}
         return [e for v in raw.values() for e in self.encode(v, base)]

@@ -9,15 +9,25 @@ Supported inputs (``FORMATS``):
 * ``hf`` — a directory written by ``datasets.Dataset.save_to_disk`` (a saved
   ``DatasetDict`` works too: its ``train`` split, or its only split, is used).
 * ``bigbench`` — a BIG-bench ``task.json`` / ``task.json.gz`` file or a directory holding one.
+* ``hub`` — a hub dataset id (``owner/name``) or a local dataset repository folder, read by
+  ``datasets.load_dataset`` with its ``name`` (here ``subset``), ``split``, ``revision`` and
+  ``data_files`` (:class:`HubArgs`), from the network or the hub cache.
+* ``alpaca`` — a json, jsonl or parquet file of Alpaca records (``instruction``, optional
+  ``input``, ``output``, optional ``system``); such records are also read in any format.
 
-Records of the first four formats follow one of TRL's two dataset styles:
+:func:`load_groups` splits one file into one dataset per value of a record field (Vision-FLAN's
+single annotation file, by ``task_name``).
+
+Records of the other formats follow one of TRL's two dataset styles:
 
 * prompt/completion: ``prompt`` is a string (it becomes one user message) or a list of
   ``{"role", "content"}`` messages; ``completion`` is a string (the answer) or a list with
   exactly one assistant message whose content is the answer.
 * ``messages``: a list of ``{"role", "content"}`` messages whose last message is from the
   assistant; that message is the answer and everything before it is the prompt. Earlier
-  assistant turns are kept as context only: training puts loss on the final answer alone.
+  assistant turns are answers too under ``data.loss_on=all_assistant`` (the default, as TRL's
+  ``assistant_only_loss``), context only under ``final``; evaluation scores the final answer.
+  (An image-text record trains on its final answer only.)
 
 Image-text records (for a vision-language θ0) come in two forms:
 
@@ -68,7 +78,7 @@ from merit.data.records import (  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "json", "parquet", "hf", "bigbench")
+FORMATS = ("jsonl", "json", "parquet", "hf", "bigbench", "hub", "alpaca")
 _JSON_LIST_KEYS = ("data", "examples", "train")
 
 
@@ -170,18 +180,22 @@ def detect_format(path: str | Path) -> str:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Records one line at a time: a file of millions is never held whole."""
+    opener = gzip.open if _is_gz(path) else open
     try:
-        text = _read_bytes(path).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from e
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        yield f"{path}:{lineno}", record
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from e
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                yield f"{path}:{lineno}", record
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
 
 
 def _indexed(path: Path, rows: Iterable[Any]) -> Iterator[tuple[str, Any]]:
@@ -202,17 +216,20 @@ def _json_records(path: Path, obj: Any) -> list[Any]:
     )
 
 
-def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows a batch at a time: the file is never held whole as Python objects."""
     import pyarrow as pa  # lazy: pyarrow is heavy and only needed here
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from e
 
 
-def _hf_rows(path: Path) -> list[dict[str, Any]]:
+def _hf_rows(path: Path) -> Any:
+    """The saved dataset's rows (memory-mapped Arrow, read row by row)."""
     import datasets  # lazy: importing datasets takes about a second
 
     try:
@@ -230,7 +247,51 @@ def _hf_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(
                 f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})"
             )
-    return ds.to_list()
+    return _arrow_rows(ds)
+
+
+def _arrow_rows(ds: Any) -> Iterator[dict[str, Any]]:
+    """A ``datasets.Dataset``'s rows as stored, a batch at a time: an ``Image`` column stays
+    ``{"bytes", "path"}`` (iterating the dataset itself would decode every image)."""
+    for table in ds.with_format("arrow").iter(batch_size=4096):
+        yield from table.to_pylist()
+
+
+@dataclass(frozen=True)
+class HubArgs:
+    """``datasets.load_dataset``'s own arguments for a hub dataset (or a local dataset folder)."""
+
+    subset: str | None = None  # load_dataset's ``name``: the configuration
+    split: str = "train"
+    revision: str | None = None
+    data_files: Any = None
+
+
+def _hub_rows(path: str, hub: HubArgs | None) -> Any:
+    """The rows of a hub dataset, from the hub or its local cache (``HF_DATASETS_OFFLINE``),
+    or of a local dataset folder; memory-mapped Arrow, read row by row."""
+    import datasets  # lazy: importing datasets takes about a second
+
+    hub = hub or HubArgs()
+    try:
+        ds = datasets.load_dataset(
+            path, name=hub.subset, split=hub.split, revision=hub.revision,
+            data_files=hub.data_files,
+        )  # fmt: skip
+    except Exception as e:  # datasets raises a dozen kinds for "cannot get it"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{path}: cannot load it with datasets.load_dataset (no network and not in the hub "
+            f"cache, or no such dataset/split): {why}"
+        ) from e
+    return _arrow_rows(ds)
+
+
+def _alpaca_only(records: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    for where, record in records:
+        if not (isinstance(record, dict) and "instruction" in record and "output" in record):
+            raise DataError(f"{where}: an Alpaca record needs 'instruction' and 'output'")
+        yield where, record
 
 
 # --------------------------------------------------------------------------- BIG-bench
@@ -253,7 +314,7 @@ def _load_bigbench(name: str, path: Path, task: Any) -> LoadedDataset:
     skipped: list[int] = []
     for i, record in enumerate(task["examples"]):
         try:
-            examples.append(format_bigbench(fmt, record, i))
+            examples.append(format_bigbench(fmt, record, i, str(path_read)))
         except NoAnswer:
             # Upstream BIG-bench data has a few examples without a usable answer (e.g. an
             # empty target); users cannot fix those, so skip them instead of failing the task.
@@ -301,48 +362,104 @@ def bigbench_task_files(folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- loading
 
 
+def _records(
+    path: Path, format: str, parsed: Any, hub: HubArgs | None
+) -> Iterable[tuple[str, Any]]:
+    """(where, record) of a non-BIG-bench dataset, in file order."""
+    if format == "jsonl":
+        return _jsonl_records(path)
+    if format == "json":
+        return _indexed(path, _json_records(path, parsed or _parse_json_file(path)))
+    if format == "parquet":
+        return _indexed(path, _parquet_rows(path))
+    if format == "hf":
+        return _indexed(path, _hf_rows(path))
+    if format == "hub":
+        return _indexed(path, _hub_rows(str(path), hub))
+    kind, parsed = _detect(path)  # alpaca: records in a json, jsonl or parquet file
+    if kind not in ("jsonl", "json", "parquet"):
+        raise DataError(f"{path}: Alpaca records are read from .json, .jsonl or .parquet files")
+    return _alpaca_only(_records(path, kind, parsed, hub))
+
+
+def _resolve(path: Path, format: str) -> tuple[str, Any]:
+    if format == "auto":
+        return _detect(path)
+    if format not in FORMATS:
+        raise DataError(f"{path}: unknown format {format!r} (known formats: {_known_formats()})")
+    if format != "hub" and not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    return format, None
+
+
+def _root(path: Path, image_dir: str | Path | None) -> Path:
+    root = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent)
+    return root.expanduser().resolve()
+
+
 def load_dataset(
-    name: str, path: str | Path, format: str = "auto", image_dir: str | Path | None = None
+    name: str,
+    path: str | Path,
+    format: str = "auto",
+    image_dir: str | Path | None = None,
+    hub: HubArgs | None = None,
 ) -> LoadedDataset:
-    """Load a dataset file or directory into memory.
+    """Load a dataset file or directory (or a hub dataset) into memory.
 
     Args:
         name: the dataset's name (kept in the result; not used to find the data).
-        path: a file or directory in one of :data:`FORMATS`.
+        path: a file or directory in one of :data:`FORMATS`, or a hub id with ``format="hub"``.
         format: one of :data:`FORMATS`, or ``"auto"`` to use :func:`detect_format`.
         image_dir: the folder image paths are relative to (default: ``path``'s folder).
+        hub: ``datasets.load_dataset``'s arguments, for ``format="hub"``.
 
     Raises:
         DataError: unknown format, missing path, malformed data, or no usable examples.
     """
     path = Path(path)
-    parsed: Any = None
-    if format == "auto":
-        format, parsed = _detect(path)
-    elif format not in FORMATS:
-        raise DataError(f"{path}: unknown format {format!r} (known formats: {_known_formats()})")
-    elif not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-
+    format, parsed = _resolve(path, format)
     if format == "bigbench":
         loaded = _load_bigbench(name, path, parsed)
     else:
-        if format == "jsonl":
-            records: Iterable[tuple[str, Any]] = _jsonl_records(path)
-        elif format == "json":
-            obj = parsed if parsed is not None else _parse_json_file(path)
-            records = _indexed(path, _json_records(path, obj))
-        elif format == "parquet":
-            records = _indexed(path, _parquet_rows(path))
-        else:
-            records = _indexed(path, _hf_rows(path))
-        root = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent)
-        loaded = LoadedDataset(
-            name=name,
-            format=format,
-            path=str(path),
-            examples=examples_from_records(records, root.expanduser().resolve()),
-        )
+        records = _records(path, format, parsed, hub)
+        examples = examples_from_records(records, _root(path, image_dir))
+        loaded = LoadedDataset(name=name, format=format, path=str(path), examples=examples)
     if not loaded.examples:
         raise DataError(f"{path}: no usable examples")
     return loaded
+
+
+def load_groups(
+    path: str | Path,
+    field: str,
+    format: str = "auto",
+    image_dir: str | Path | None = None,
+    hub: HubArgs | None = None,
+) -> list[LoadedDataset]:
+    """One dataset per value of the record field ``field`` (Vision-FLAN keeps its 191 tasks in
+    one annotation file under ``task_name``), each named after its value, sorted by name; the
+    examples of a group keep their file order.
+
+    Raises:
+        DataError: a record without ``field`` (or with a value that is not a name), or any
+            error of :func:`load_dataset`.
+    """
+    path = Path(path)
+    format, parsed = _resolve(path, format)
+    if format == "bigbench":
+        raise DataError(f"{path}: group_by splits record files, not a BIG-bench task")
+    root = _root(path, image_dir)
+    groups: dict[str, list[Example]] = {}
+    for where, record in _records(path, format, parsed, hub):
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip() or "/" in value:
+            raise DataError(f"{where}: group_by field {field!r} is missing or not a name")
+        groups.setdefault(value, []).extend(examples_from_records([(where, record)], root))
+    if not groups:
+        raise DataError(f"{path}: no usable examples")
+    return [
+        LoadedDataset(name=k, format=format, path=str(path), examples=v)
+        for k, v in sorted(groups.items())
+    ]

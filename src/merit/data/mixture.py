@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from merit.artifacts import sha256_file
-from merit.config import DataConfig, SplitConfig
+from merit.config import DataConfig, DatasetSpec, SplitConfig
 from merit.data.formats import (
     IMAGE,
     DataError,
     Example,
+    HubArgs,
     LoadedDataset,
     bigbench_task_files,
     load_dataset,
+    load_groups,
 )
 from merit.data.images import check_images
 from merit.lm import IGNORE, Encoded
@@ -34,6 +37,8 @@ class MixtureDataset:
     data: LoadedDataset
     splits: dict[str, list[int]]  # split name -> example indices into data.examples
     file_hash: str = ""
+    # split -> examples over max_length; "emptied" -> a split dropping left empty
+    overlong: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -51,6 +56,8 @@ class Mixture:
     # Training datasets left out because they share examples with a task `data.unseen` picked
     # (BIG-bench subtasks of one family may hold the same examples).
     dropped: list[str] = field(default_factory=list)
+    # Datasets left out because every example of a split they need is over model.max_length.
+    too_long: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -117,21 +124,71 @@ def _seeded(name: str, purpose: str, seed: int) -> str:
     return hashlib.sha256(f"{purpose}:{seed}:{name}".encode()).hexdigest()
 
 
+@dataclass
+class Source:
+    """Where one dataset of the mixture comes from; ``loaded`` when finding it read it (a
+    group of a ``group_by`` file)."""
+
+    name: str
+    path: str
+    format: str
+    spec: DatasetSpec | None = None  # None: a task of the BIG-bench folder
+    group: str | None = None
+    loaded: LoadedDataset | None = None
+
+    @property
+    def hub(self) -> HubArgs | None:
+        s = self.spec
+        return s and HubArgs(s.subset, s.split, s.revision, s.data_files)
+
+    def load(self) -> LoadedDataset:
+        if self.loaded is not None:
+            return self.loaded
+        image_dir = self.spec.image_dir if self.spec else None
+        return load_dataset(self.name, self.path, self.format, image_dir, self.hub)
+
+    def digest(self, data: LoadedDataset) -> str:
+        """What identifies the data: the file's sha256 (with the group's value), or for a hub
+        dataset, which has no local file to hash, a digest of every example."""
+        if self.format == "hub":
+            h = hashlib.sha256(self.path.encode())
+            for ex in data.examples:
+                h.update(_example_key(ex))
+            return h.hexdigest()
+        digest = file_sha256(self.path)
+        if self.group is None:
+            return digest
+        return hashlib.sha256(f"{digest}:{self.group}".encode()).hexdigest()
+
+
+def _spec_sources(specs: list[DatasetSpec]) -> list[Source]:
+    out = []
+    for spec in specs:
+        fmt = "hub" if spec.is_hub(Path(spec.path).expanduser().exists()) else spec.format
+        if spec.group_by is None:
+            out.append(Source(spec.name, spec.path, fmt, spec))
+            continue
+        src = Source(spec.name or spec.group_by, spec.path, fmt, spec)
+        groups = load_groups(spec.path, spec.group_by, fmt, spec.image_dir, src.hub)
+        out += [Source(g.name, spec.path, fmt, spec, g.name, g) for g in groups]
+    return out
+
+
 def dataset_sources(
     cfg: DataConfig, bigbench_dir: Path | None
-) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
-    """(name, path, format) of the training datasets and of the unseen ones (disjoint)."""
-    sources = [(d.name, d.path, d.format) for d in cfg.datasets]
-    explicit = [(d.name, d.path, d.format) for d in cfg.unseen_datasets]
+) -> tuple[list[Source], list[Source]]:
+    """The training datasets and the unseen ones (disjoint), sorted by name."""
+    sources = _spec_sources(cfg.datasets)
+    explicit = _spec_sources(cfg.unseen_datasets)
     if bigbench_dir is not None:
         for f in bigbench_task_files(bigbench_dir):
             name = f.name.removesuffix(".gz").removesuffix(".json")
             if name == "task":  # a task directory: name it after the directory
                 name = f.parent.name
-            sources.append((name, str(f), "bigbench"))
+            sources.append(Source(name, str(f), "bigbench"))
     # A BIG-bench task may carry the name of an explicit unseen dataset: names key every
     # artifact, so they must be unique across both lists.
-    names = [s[0] for s in sources + explicit]
+    names = [s.name for s in sources + explicit]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"two datasets have the same name: {', '.join(dupes)}")
@@ -141,16 +198,20 @@ def dataset_sources(
             f"data.unseen={cfg.unseen} keeps every one of the {len(sources)} datasets out of "
             "training"
         )
-    by_hash = sorted(sources, key=lambda s: _seeded(s[0], "unseen", seed))
-    unseen = sorted(by_hash[: cfg.unseen] + explicit)
+    by_hash = sorted(sources, key=lambda s: _seeded(s.name, "unseen", seed))
+    unseen = by_hash[: cfg.unseen] + explicit
     train = by_hash[cfg.unseen :]
     if cfg.order == "hash":
-        train.sort(key=lambda s: _seeded(s[0], "order", seed))
+        train.sort(key=lambda s: _seeded(s.name, "order", seed))
     else:
-        train.sort(key=lambda s: s[0])
+        train.sort(key=lambda s: s.name)
     if cfg.max_datasets is not None:
         train = train[: cfg.max_datasets]
-    return sorted(train), unseen
+    return sorted(train, key=_by_name), sorted(unseen, key=_by_name)
+
+
+def _by_name(s: Source) -> str:
+    return s.name
 
 
 def load_mixture(
@@ -163,17 +224,15 @@ def load_mixture(
     """
     train, unseen = dataset_sources(cfg, bigbench_dir)
 
-    image_dirs = {d.name: d.image_dir for d in cfg.datasets + cfg.unseen_datasets}
-
-    def load(sources, base: int) -> list[MixtureDataset]:
+    def load(sources: list[Source], base: int) -> list[MixtureDataset]:
         out = []
-        for name, path, fmt in sources:
-            data = load_dataset(name, path, fmt, image_dirs.get(name))
-            splits = split_indices(len(data.examples), name, cfg.split, base)
+        for src in sources:
+            data = src.load()
+            splits = split_indices(len(data.examples), src.name, cfg.split, base)
             ds = MixtureDataset(data, splits)
             images = check_images(ds)  # a missing image fails here, before any long work
             if hashes:
-                ds.file_hash = file_sha256(path)
+                ds.file_hash = src.digest(data)
                 if images:
                     ds.file_hash = hashlib.sha256(f"{ds.file_hash}:{images}".encode()).hexdigest()
             out.append(ds)
@@ -181,7 +240,7 @@ def load_mixture(
 
     mixture = Mixture(load(train, base_examples), load(unseen, 0))
     shared = _shared(mixture.datasets, mixture.unseen)
-    explicit = {d.name for d in cfg.unseen_datasets}
+    explicit = {s.name for s in _explicit_unseen(cfg, unseen)}
     # merit chose these unseen tasks: keep their examples out of training rather than refuse.
     leaks = {n for u, found in shared.items() if u not in explicit for n in found}
     mixture.dropped = sorted(leaks)
@@ -191,6 +250,11 @@ def load_mixture(
         if rest:
             raise DataError(f"unseen tasks overlap the training tasks: {rest[0]}")
     return mixture
+
+
+def _explicit_unseen(cfg: DataConfig, unseen: list[Source]) -> list[Source]:
+    specs = [id(s) for s in cfg.unseen_datasets]
+    return [s for s in unseen if s.spec is not None and id(s.spec) in specs]
 
 
 def _example_key(ex: Example) -> bytes:
@@ -295,28 +359,96 @@ def vision_messages(ex: Example, answer: bool = False) -> list[dict]:
     return out
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Encoded]:
-    """Tokenize (prompt, answer) pairs; prompts longer than the budget are cut on the left."""
-    if not pairs:
-        return []
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+Segments = list[tuple[str, bool]]  # an example's text in pieces, each trained on or not
+
+
+def render_turns(tokenizer, ex: Example) -> Segments | None:
+    """An example whose every assistant turn is an answer, in pieces: each turn's generation
+    prompt (not trained) and its reply (trained), as TRL's ``assistant_only_loss``. Found by
+    rendering the conversation up to each turn; None when the template rewrites earlier
+    turns once a later one follows (the final answer is then the only one trained)."""
+    msgs = [dict(m) for m in ex.messages] + [_turn("assistant", ex.answer)]
+    pieces: Segments = []
+    done = ""
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(msgs[:j], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(msgs[: j + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            return None
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return pieces
+
+
+def segments(tokenizer, examples: Sequence[Example], loss_on: str = "final") -> list[Segments]:
+    """Each example's text in trained / untrained pieces: the prompt and the final answer, or
+    under ``loss_on="all_assistant"`` every assistant turn of a ``messages`` record."""
     out = []
-    for p, a in zip(prompts, answers):
-        a = a[: max(1, max_length // 2)]
-        p = p[max(0, len(p) + len(a) - max_length) :]
-        out.append(Encoded(p + a, [IGNORE] * len(p) + a))
+    for ex, (prompt, answer) in zip(examples, render(tokenizer, examples)):
+        turns = render_turns(tokenizer, ex) if loss_on == "all_assistant" and ex.turns else None
+        out.append(turns or [(prompt, False), (answer, True)])
     return out
 
 
-def encode(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    """Chat-template, tokenize and mask a list of examples (loss on answer tokens only).
+def encode_segments(tokenizer, segs: Sequence[Segments], max_length: int) -> list[Encoded]:
+    """Tokenize every piece (one batched call), labels on the trained pieces; a sequence over
+    ``max_length`` is truncated (``data.overlong=truncate``; by default the corpus drops such
+    examples before they get here): the final answer keeps at least half the budget, and the
+    oldest tokens go first."""
+    flat = [text for s in segs for text, _ in s]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, k = [], 0
+    for s in segs:
+        pieces = ids[k : k + len(s)]
+        k += len(s)
+        context = sum(len(p) for p in pieces[:-1])
+        if context + len(pieces[-1]) > max_length:
+            keep = max(max_length - context, max(1, max_length // 2))
+            pieces = [*pieces[:-1], pieces[-1][:keep]]
+        input_ids, labels = [], []
+        for piece, (_, trained) in zip(pieces, s):
+            input_ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        cut = max(0, len(input_ids) - max_length)
+        out.append(Encoded(input_ids[cut:], labels[cut:]))
+    return out
 
-    ``tokenizer`` may be a vision-language θ0's processor: see :func:`encode_vision`.
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Encoded]:
+    """Tokenize (prompt, answer) pairs, loss on the answer (truncated as :func:`encode_segments`)."""
+    return encode_segments(tokenizer, [[(p, False), (a, True)] for p, a in pairs], max_length)
+
+
+def encode(
+    tokenizer, examples: Sequence[Example], max_length: int, loss_on: str = "final"
+) -> list[Encoded]:
+    """Chat-template, tokenize and mask a list of examples (loss on answer tokens only: the
+    final answer, or with ``loss_on="all_assistant"`` every assistant turn of a ``messages``
+    record).
+
+    ``tokenizer`` may be a vision-language θ0's processor: see :func:`encode_vision` (final
+    answer only).
     """
     if is_processor(tokenizer):
         return encode_vision(tokenizer, examples)
-    return encode_pairs(tokenizer, render(tokenizer, examples), max_length)
+    return encode_segments(tokenizer, segments(tokenizer, examples, loss_on), max_length)
+
+
+def token_lengths(
+    tokenizer, examples: Sequence[Example], loss_on: str = "final", choices: bool = False
+) -> list[int]:
+    """Each example's tokens uncut, tokenized as training tokenizes it (with ``choices``, its
+    longest multiple-choice option as the answer, as scoring reads it)."""
+    segs = segments(tokenizer, examples, loss_on)
+    sizes = [len(e.input_ids) for e in encode_segments(tokenizer, segs, sys.maxsize)]
+    if choices:
+        for i, ex in enumerate(examples):
+            if ex.choices:
+                options = [as_answer(ex, c) for c in ex.choices]
+                sizes[i] = max(sizes[i], *token_lengths(tokenizer, options))
+    return sizes
 
 
 def encode_vision(processor, examples: Sequence[Example]) -> list[Encoded]:

@@ -12,7 +12,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ class Example:
         targets: acceptable answers: for multiple choice the correct choice(s), for generative
             examples all accepted strings (the answer included).
         images: absolute image paths, one per ``<image>`` placeholder in ``messages``, in order.
+        turns: whether the earlier assistant turns in ``messages`` are answers too (a
+            ``messages`` record: ``data.loss_on=all_assistant`` trains on them, as TRL's
+            ``assistant_only_loss`` does) or context only (a prompt/completion record).
+        source: where the record is (file and line, or record index), for error messages.
     """
 
     messages: tuple[dict[str, str], ...]
@@ -59,6 +63,8 @@ class Example:
     choices: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
+    turns: bool = False
+    source: str = field(default="", compare=False)
 
 
 # --------------------------------------------------------------------------- records
@@ -197,6 +203,7 @@ def _record_to_example(record: Any, where: str, root: Path | None = None) -> Exa
     if record.get("conversations") is not None and record.get("messages") is None:
         record = {**record, "messages": _llava_messages(record["conversations"], where)}
     prompt, completion = record.get("prompt"), record.get("completion")
+    multi = False
     if prompt is not None and completion is not None:
         if isinstance(prompt, str):
             messages: tuple[dict[str, str], ...] = ({"role": "user", "content": prompt},)
@@ -217,10 +224,14 @@ def _record_to_example(record: Any, where: str, root: Path | None = None) -> Exa
             )
         answer = turns[-1]["content"]
         messages = _check_prompt(turns[:-1], where)
+        multi = any(m["role"] == "assistant" for m in messages)
+    elif record.get("instruction") is not None and record.get("output") is not None:
+        messages, answer = _alpaca(record, where)
     else:
         keys = ", ".join(sorted(map(str, record))) or "none"
         raise DataError(
-            f"{where}: expected 'prompt' and 'completion' keys or a 'messages' key (got keys: {keys})"
+            f"{where}: expected 'prompt' and 'completion' keys, a 'messages' key or Alpaca's "
+            f"'instruction' and 'output' (got keys: {keys})"
         )
     _check_answer(answer, where)
     choices = _string_list(record.get("choices"), "choices", where, allow_str=False)
@@ -231,7 +242,22 @@ def _record_to_example(record: Any, where: str, root: Path | None = None) -> Exa
         raise DataError(f"{where}: an image in the answer (images go in the prompt)")
     images = _image_paths(record, where, root)
     messages = _place_images(messages, images, where)
-    return Example(messages, answer, choices=choices, targets=targets, images=images)
+    return Example(messages, answer, choices, targets, images=images, turns=multi, source=where)
+
+
+def _alpaca(record: dict, where: str) -> tuple[tuple[dict[str, str], ...], str]:
+    """An Alpaca record as one user message and its answer: the instruction, then the input
+    (if any) after a blank line, as the Alpaca data is usually rendered for chat models; an
+    optional ``system`` string becomes the system message."""
+    fields = {k: record.get(k) for k in ("instruction", "input", "output", "system")}
+    bad = [k for k, v in fields.items() if v is not None and not isinstance(v, str)]
+    if bad:
+        raise DataError(f"{where}: Alpaca's '{bad[0]}' must be a string")
+    text = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+    messages = ({"role": "user", "content": text},)
+    if fields["system"]:
+        messages = ({"role": "system", "content": fields["system"]}, *messages)
+    return messages, fields["output"]
 
 
 def examples_from_records(
@@ -304,8 +330,9 @@ def bigbench_example(task: dict, record: dict, index: int) -> Example:
     return format_bigbench(BigBenchFormat.of(task), record, index)
 
 
-def format_bigbench(fmt: BigBenchFormat, record: Any, index: int) -> Example:
-    """:func:`bigbench_example` with the task's format already resolved."""
+def format_bigbench(fmt: BigBenchFormat, record: Any, index: int, file: str = "") -> Example:
+    """:func:`bigbench_example` with the task's format already resolved (``file``: the task's
+    file, for :attr:`Example.source`)."""
     where = f"example {index}"
     if not isinstance(record, dict) or "input" not in record:
         raise DataError(f"{where}: a BIG-bench example needs an 'input'")
@@ -350,4 +377,5 @@ def format_bigbench(fmt: BigBenchFormat, record: Any, index: int) -> Example:
         answer=answer,
         choices=choices,
         targets=targets,
+        source=f"{file}: {where}" if file else where,
     )

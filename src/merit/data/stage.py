@@ -8,8 +8,8 @@ from merit.graph import STAGES, Context, Stage
 READS = ("seed", "model", "data")
 
 
-def _row(d, train: list) -> dict:
-    return {
+def _row(d, train: list, cfg) -> dict:
+    row = {
         "name": d.name,
         "format": d.data.format,
         "path": d.data.path,
@@ -21,6 +21,15 @@ def _row(d, train: list) -> dict:
         "train_images": sum(len(ex.images) for ex in d.examples("train")),
         "indices": d.splits,
     }
+    return _with_overlong(row, d, cfg)
+
+
+def _with_overlong(row: dict, d, cfg) -> dict:
+    if d.overlong:  # only then: a run with nothing over the budget keeps its data.json
+        row["overlong"] = {
+            "splits": d.overlong, "max_length": cfg.model.max_length, "action": cfg.data.overlong
+        }  # fmt: skip
+    return row
 
 
 def build(ctx: Context, _inputs: dict) -> DataRecord:
@@ -30,12 +39,15 @@ def build(ctx: Context, _inputs: dict) -> DataRecord:
     return DataRecord(
         settings=ctx.cfg.settings(*READS),
         base_fingerprint=ctx.base.fingerprint,
-        datasets=[_row(d, train[d.name]) for d in mixture.datasets],
+        datasets=[_row(d, train[d.name], ctx.cfg) for d in mixture.datasets],
         unseen=[
-            {"name": d.name, "sha256": d.file_hash, "eval": len(d.splits["eval"])}
+            _with_overlong(
+                {"name": d.name, "sha256": d.file_hash, "eval": len(d.splits["eval"])}, d, ctx.cfg
+            )
             for d in mixture.unseen
         ],
         dropped=mixture.dropped,
+        too_long=mixture.too_long,
     )
 
 

@@ -144,16 +144,20 @@ class Objective:
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         count = self.count
         with torch.enable_grad():
-            for b in self.batches:
+            for b in self._backward_pieces():
                 s, _ = self.batch_loss(self.module, b)
                 grads = torch.autograd.grad(s / count, self.params)
                 out += torch.cat([g.reshape(-1).to(self.dtype) for g in grads])
         return out
 
+    def _backward_pieces(self):
+        """The batches as back-propagated: a subclass may cut them smaller (memory)."""
+        return self.batches
+
     def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """H(θ) v (see the class docstring for the two methods)."""
         if self.hvp_method == "finite_difference":
-            n = float(torch.linalg.vector_norm(v.double()))
+            n = math.sqrt(wide_dot(v, v))
             if n == 0:
                 return torch.zeros_like(v)
             u, h = v / n, self.hvp_step
@@ -169,7 +173,7 @@ class Objective:
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         count = self.count
         with torch.enable_grad():
-            for b in self.batches:
+            for b in self._backward_pieces():
                 s, _ = self.batch_loss(self.module, b)
                 grads = torch.autograd.grad(s / count, self.params, create_graph=True)
                 gv = sum((g * u).sum() for g, u in zip(grads, vs))
@@ -193,10 +197,25 @@ class LMObjective(Objective):
         batches: Sequence[object],
         hvp_method: str = "finite_difference",
         hvp_step: float = 1e-2,
+        backward_batch: int = 4,
     ):
         super().__init__(module, batches, lm_batch_loss, hvp_method, hvp_step)
         # The loss units are the label tokens: known without a forward pass.
         self._count = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in self.batches))
+        self.backward_batch = backward_batch
+
+    def _backward_pieces(self):
+        """Each batch in slices of ``backward_batch`` rows: a backward pass keeps every layer's
+        activations: 32 rows of up to 256 tokens through SmolLM2-135M ran a 24 GB machine out of
+        memory. The sum of the slices' gradients is the batch's."""
+        m = self.backward_batch
+        for b in self.batches:
+            rows = len(b["input_ids"])
+            if set(b) - {"input_ids", "attention_mask", "labels"}:  # images: rows ≠ examples
+                yield b
+                continue
+            for i in range(0, rows, m):
+                yield {k: v[i : i + m] for k, v in b.items()}
 
     def _exact_hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         setter = getattr(self.module, "set_attn_implementation", None)
@@ -268,7 +287,7 @@ def interpolation_curve(
 # -- distances ----------------------------------------------------------------------------------
 def distances(base: torch.Tensor, models: dict[str, torch.Tensor]) -> dict[str, float]:
     """‖θ − θ0‖ for each named model (Euclidean, over every parameter)."""
-    return {k: float(torch.linalg.vector_norm((v - base).double())) for k, v in models.items()}
+    return {k: math.sqrt(wide_dot(d := v - base, d)) for k, v in models.items()}
 
 
 # -- flatness -----------------------------------------------------------------------------------
@@ -335,15 +354,15 @@ def lanczos(
     beta: list[float] = []
     for j in range(iters):
         w = matvec(basis[j]).to(basis[0].dtype)
-        a = float(torch.dot(w.double(), basis[j].double()))
+        a = wide_dot(w, basis[j])
         alpha.append(a)
         w = w - a * basis[j]
         if j > 0:
-            w = w - beta[-1] * basis[j - 1]
-        stack = torch.stack(basis)
-        for _ in range(2):
-            w = w - stack.T @ (stack @ w)
-        b = float(torch.linalg.vector_norm(w.double()))
+            w.sub_(basis[j - 1], alpha=beta[-1])
+        for _ in range(2):  # classical Gram-Schmidt, vector by vector: no stacked copy
+            for c, q_i in [(wide_dot(q_i, w), q_i) for q_i in basis]:
+                w.sub_(q_i, alpha=c)
+        b = math.sqrt(wide_dot(w, w))
         if j == iters - 1 or b < 1e-10 * max(1.0, abs(a)):
             break
         beta.append(b)
@@ -419,7 +438,7 @@ def merging_gain(
     devs = [t - mean for t in branches]
     per_branch = []
     for d in tqdm(devs, desc="HVP at θ0", disable=not progress, leave=False):
-        per_branch.append(0.5 * float(torch.dot(d.double(), obj.hvp(base, d).double())))
+        per_branch.append(0.5 * wide_dot(d, obj.hvp(base, d)))
     predicted = sum(wk * p for wk, p in zip(w, per_branch))
     gain = Gain(
         measured=sum(wk * lk for wk, lk in zip(w, bl)) - ml,
@@ -440,13 +459,24 @@ def merging_gain(
         bar.close()
         k = min(top, len(vals))
         gain.eigenvalues = [float(v) for v in vals[:k]]
-        dev = torch.stack(devs).to(vecs)  # (K, n)
-        proj = (vecs[:k].double() @ dev.double().T) ** 2  # (k, K): (u_iᵀ d_k)²
+        # (k, K): (u_iᵀ d_k)², pair by pair: stacking the K deviations in float64 took 8 bytes
+        # a parameter a branch (4.3 GB for SmolLM2's 4 branches).
+        proj = torch.tensor([[wide_dot(u, d) ** 2 for d in devs] for u in vecs[:k]],
+                            dtype=torch.float64, device=vecs.device)  # fmt: skip
         wt = torch.tensor(w, dtype=torch.float64, device=proj.device)
         lam = torch.tensor(gain.eigenvalues, dtype=torch.float64, device=proj.device)
         gain.eigen_split = (0.5 * lam * (proj @ wt)).tolist()
         gain.vectors = vecs[:k]
     return gain
+
+
+def wide_dot(a: torch.Tensor, b: torch.Tensor, piece: int = 1 << 22) -> float:
+    """⟨a, b⟩ accumulated in float64 a piece at a time (no vector-sized float64 copy)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for i in range(0, a.numel(), piece):
+        total += float(torch.dot(a[i : i + piece].double(), b[i : i + piece].to(a.device).double()))
+    return total
 
 
 def relative_sigmas(scales: Sequence[float], step: float, dim: int) -> list[float]:

@@ -11,7 +11,7 @@ from merit.calibrate.artifact import CalibrationRecord
 from merit.calibrate.sketch import CountSketch, SketchSpec
 from merit.calibrate.stage import sketch_tensors
 from merit.config import RunConfig
-from merit.diagnose.alignment import alignment, conflict_directions
+from merit.diagnose.alignment import alignment, conflict_directions, unit_gradients
 from merit.diagnose.artifact import Diagnostics
 from merit.diagnose.figures import diagnostic_figures
 from merit.diagnose.measure import measure
@@ -45,6 +45,7 @@ def _measure(
         lm_batches(heldout, dc.batch_size, pad, run.device),
         hvp_method=dc.hvp,
         hvp_step=dc.hvp_step,
+        backward_batch=dc.backward_batch,
     )
     tobj = LMObjective(model, lm_batches(train_ex, dc.batch_size, pad, run.device))
     cpu = torch.device("cpu")
@@ -86,10 +87,12 @@ def _alignment(
     idx = [pos[d.name] for d in plan.datasets]
     z = torch.tensor([d.z for d in plan.datasets], dtype=torch.float64)
     sketches = sketch_tensors(run, cal)["sketches"][idx]
-    axes = conflict_directions(sketches, [cal.sq_norms[i] for i in idx], z)
+    sq_norms = [cal.sq_norms[i] for i in idx]
+    axes = conflict_directions(sketches, sq_norms, z)
     sketcher = CountSketch(SketchSpec(cc.sketch_dim, cc.seed))
     eigen = _sketched(sketcher, obj, diag.eigenvectors)
-    a = alignment(axes, eigen, diag.gain["eigenvalues"], obj.dim, seed=run.cfg.diagnostics.seed)
+    a = alignment(axes, eigen, diag.gain["eigenvalues"], obj.dim, seed=run.cfg.diagnostics.seed,
+                  unit=unit_gradients(sketches, sq_norms))  # fmt: skip
     return {**a.to_json(), "line": a.line()}
 
 

@@ -4,6 +4,7 @@ calibration, planning and training. Changing one means retraining."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -39,9 +40,9 @@ class ModelConfig(_Section):
     max_length: int = Field(
         512,
         ge=16,
-        description="tokens per example; longer prompts are cut on the left (image-text "
-        "examples are never cut: an image's tokens cannot be; a vision-language θ0's text-only "
-        "examples are not cut either)",
+        description="tokens per example; what happens to a longer one is data.overlong "
+        "(image-text examples are never cut: an image's tokens cannot be; a vision-language "
+        "θ0's text-only examples are not cut either)",
     )
     demo: DemoBaseConfig = Field(default_factory=DemoBaseConfig)
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
@@ -75,15 +76,59 @@ class ModelConfig(_Section):
         return name
 
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".arrow", ".csv")
+
+
 class DatasetSpec(_Section):
-    name: str = Field(min_length=1)
-    path: str
-    format: Literal["auto", "jsonl", "json", "parquet", "hf", "bigbench"] = "auto"
+    """One dataset of the mixture (or, with ``group_by``, one per value of a field)."""
+
+    name: str | None = Field(
+        None, min_length=1, description="the dataset's name; with group_by, each group's "
+        "name is its value and this one is optional",
+    )  # fmt: skip
+    path: str = Field(
+        description="a local file or folder, or a hub dataset id (owner/name) read through "
+        "datasets.load_dataset"
+    )
+    format: Literal["auto", "jsonl", "json", "parquet", "hf", "bigbench", "hub", "alpaca"] = Field(
+        "auto",
+        description="auto: by the file's suffix or folder; a hub id that is not a local "
+        "path is read from the hub (or its cache); alpaca: a json/jsonl/parquet file of "
+        "Alpaca records (instruction, input, output)",
+    )
     image_dir: str | None = Field(
         None,
         description="folder that image paths in the records are relative to; null = the "
         "dataset file's folder",
     )
+    # datasets.load_dataset's own arguments, for a hub dataset (or a local dataset folder).
+    subset: str | None = Field(None, description="hub: the configuration (load_dataset's name)")
+    split: str = Field("train", description="hub: which split holds the records")
+    revision: str | None = Field(None, description="hub: a branch, tag or commit")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="hub: load_dataset's data_files"
+    )
+    group_by: str | None = Field(
+        None,
+        min_length=1,
+        description="one dataset per value of this record field (Vision-FLAN's task_name), "
+        "each named after its value",
+    )
+
+    @model_validator(mode="after")
+    def _named(self) -> DatasetSpec:
+        if self.name is None and self.group_by is None:
+            raise ValueError("a dataset needs a name (or group_by, to name each group)")
+        return self
+
+    def is_hub(self, exists: bool) -> bool:
+        """Whether ``path`` is read from the hub: said so, or an owner/name id that is not a
+        local path (``exists``) and has no data-file suffix."""
+        if self.format == "hub":
+            return True
+        guess = _HUB_ID.match(self.path) and not self.path.lower().endswith(_FILE_SUFFIXES)
+        return self.format == "auto" and not exists and bool(guess)
 
 
 class SplitConfig(_Section):
@@ -139,18 +184,33 @@ class DataConfig(_Section):
         "no name, file or example with the training datasets",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
+    loss_on: Literal["final", "all_assistant"] = Field(
+        "all_assistant",
+        description="what a `messages` record trains on (calibration and N_k count the same): "
+        "every assistant turn, as TRL's assistant_only_loss, or the final answer only; "
+        "evaluation always scores the final answer",
+    )
+    overlong: Literal["error", "drop", "truncate"] = Field(
+        "drop",
+        description="an example over model.max_length tokens: refused (naming its dataset and "
+        "line), dropped from its split (counted in data.json and `merit data`), or truncated "
+        "(the oldest tokens first; the final answer keeps at least half the budget)",
+    )
 
     @model_validator(mode="after")
     def _some_data(self) -> DataConfig:
         if not self.datasets and not self.bigbench:
             raise ValueError("no datasets: give data.datasets or data.bigbench")
-        both = sorted({d.name for d in self.datasets} & {d.name for d in self.unseen_datasets})
+        both = sorted(
+            {d.name for d in self.datasets if d.name}
+            & {d.name for d in self.unseen_datasets if d.name}
+        )
         if both:
             raise ValueError(
                 f"unseen tasks overlap the training tasks: {', '.join(both)} is in both "
                 "data.datasets and data.unseen_datasets"
             )
-        names = [d.name for d in self.datasets + self.unseen_datasets]
+        names = [d.name for d in self.datasets + self.unseen_datasets if d.name]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"two datasets have the same name: {', '.join(dupes)}")

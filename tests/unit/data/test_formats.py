@@ -87,6 +87,7 @@ STYLES: dict[str, tuple[list[dict[str, Any]], list[Example]]] = {
                 ),
                 answer="yes",
                 targets=("yes",),
+                turns=True,  # its earlier assistant turn is an answer too (data.loss_on)
             ),
         ],
     ),
@@ -227,7 +228,8 @@ def test_malformed_json_file_names_line(tmp_path: Path) -> None:
     [
         (
             {"question": "q", "answer": "a"},
-            r"expected 'prompt' and 'completion' keys or a 'messages' key \(got keys: answer, question\)",
+            r"expected 'prompt' and 'completion' keys, a 'messages' key or Alpaca's 'instruction' "
+            r"and 'output' \(got keys: answer, question\)",
         ),
         ({"prompt": "q"}, "expected 'prompt' and 'completion'"),
         ({"prompt": "q", "completion": ""}, "empty answer"),
@@ -288,7 +290,7 @@ def test_unknown_format(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(
         DataError,
-        match=r"unknown format 'csv' \(known formats: jsonl, json, parquet, hf, bigbench\)",
+        match=r"unknown format 'csv' \(known formats: jsonl, json, parquet, hf, bigbench, hub, alpaca\)",
     ):
         load_dataset("x", path, format="csv")
     text = tmp_path / "d.txt"

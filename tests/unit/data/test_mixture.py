@@ -106,8 +106,8 @@ def test_unseen_datasets_are_loaded_as_unseen(tmp_path, two_tasks):
     gamma = _write(tmp_path / "gamma.jsonl", _rows("gamma"))
     cfg = DataConfig(datasets=two_tasks, unseen_datasets=[gamma], split=SPLIT)
     train, unseen = dataset_sources(cfg, None)
-    assert [s[0] for s in train] == ["alpha", "beta"]
-    assert [s[0] for s in unseen] == ["gamma"]
+    assert [s.name for s in train] == ["alpha", "beta"]
+    assert [s.name for s in unseen] == ["gamma"]
     mixture = load_mixture(cfg)
     assert mixture.names == ["alpha", "beta"]
     (u,) = mixture.unseen
@@ -124,8 +124,10 @@ def test_unseen_datasets_join_the_hash_picked_ones(tmp_path, two_tasks):
     plain = DataConfig(datasets=two_tasks + more, unseen=1, split=SPLIT)
     train, unseen = dataset_sources(cfg, None)
     train0, (picked,) = dataset_sources(plain, None)
-    assert train == train0
-    assert unseen == sorted([picked, ("gamma", gamma["path"], "auto")])
+    assert [(s.name, s.path) for s in train] == [(s.name, s.path) for s in train0]
+    assert sorted((s.name, s.path, s.format) for s in unseen) == sorted(
+        [(picked.name, picked.path, picked.format), ("gamma", gamma["path"], "auto")]
+    )
 
 
 def test_unseen_name_clashing_with_a_bigbench_task_is_refused(tmp_path, two_tasks):

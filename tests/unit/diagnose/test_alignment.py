@@ -50,3 +50,26 @@ def test_a_planted_alignment_has_a_large_z_and_a_random_one_does_not():
         else:
             assert a.max_abs < a.random_mean + 4 * a.random_sd and not a.targets_curvature
     assert a.exact_random < 0.01 and abs(a.sketch_error - d**-0.5) < 1e-12
+
+
+def test_the_gradient_span_control_tells_the_pca_axes_from_any_gradient_combination():
+    """When the top eigenvector is the mean gradient direction (as in trained networks), every
+    combination of the gradients aligns with it, far above random directions: the span
+    control says the conflict axes (orthogonal to the mean here) do not beat those."""
+    s = CountSketch(SketchSpec(d, 3))
+    grads, _z, _u, eig = _setup(planted=False, seed=1)
+    unit_exact = grads / grads.norm(dim=1, keepdim=True)
+    mean = unit_exact.sum(0)
+    eig[0] = mean / mean.norm()
+    # Axes orthogonal to the all-ones weighting of the unit gradients: pure contrasts.
+    z = torch.tensor([[1.0, -1.0, 0, 0, 0, 0], [0, 0, 1.0, -1.0, 0, 0]]).T.double()
+    sk = _sketch(s, grads)
+    axes = conflict_directions(sk, (grads**2).sum(1).tolist(), z)
+    unit = sk.double() / grads.norm(dim=1, keepdim=True)
+    a = alignment(axes, _sketch(s, eig), [3.0, 2.0, 1.0], D, draws=100, unit=unit)
+    assert a.span_mean > 10 * a.random_mean  # gradient combinations align with the mean
+    assert a.span_beaten < 0.5 and "beat" in a.line()
+    # The mean direction itself beats every random combination.
+    top = alignment(_sketch(s, mean[None]), _sketch(s, eig), [3.0, 2.0, 1.0], D, draws=100,
+                    unit=unit)  # fmt: skip
+    assert top.span_beaten > 0.9
