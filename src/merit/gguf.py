@@ -204,7 +204,7 @@ def _load_tokenizer(gguf_file: Path, arch: str):
 def _dense_config(gguf_file: Path, arch: str, tokenizer):
     """θ0's config as a plain float32 model's: no quantization entry, the GGUF's token ids."""
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, name = _gguf_args(gguf_file)
     try:
@@ -219,6 +219,8 @@ def _dense_config(gguf_file: Path, arch: str, tokenizer):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key, None))
     config.dtype = torch.float32
+    with torch.device("meta"):  # what from_pretrained, vLLM and lm-eval read to pick the class
+        config.architectures = [type(AutoModelForCausalLM.from_config(config)).__name__]
     return config
 
 

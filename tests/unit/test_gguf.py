@@ -65,6 +65,7 @@ def test_converted_folder_is_an_ordinary_model(tiny, converted):
     assert converted.name.startswith("gguf-") and converted.parent.name == "models"
     config = json.loads((converted / "config.json").read_text())
     assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]  # what vLLM and lm-eval read
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
     assert config["tie_word_embeddings"] is True
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

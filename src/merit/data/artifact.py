@@ -60,11 +60,8 @@ def data_table(rec: DataRecord) -> str:
         lines.append(f"unseen tasks (never trained on; evaluated): {len(unseen)} [{names}]")
     if over := overlong_line(rec):
         lines.append(over)
-    if rec.too_long:
-        lines.append(
-            "left out (every example of a split they need is over model.max_length): "
-            + ", ".join(rec.too_long)
-        )
+    if too_long := too_long_line(rec):
+        lines.append(too_long)
     if dropped := rec.dropped:
         lines.append(
             f"left out of training (they share examples with unseen tasks): {', '.join(dropped)}"
@@ -92,4 +89,12 @@ def overlong_line(rec: DataRecord) -> str:
     return (
         f"{total} example(s) over model.max_length={o['max_length']} tokens, "
         f"{_DONE[o['action']]} (data.overlong={o['action']}): {per}"
+    )
+
+
+def too_long_line(rec: DataRecord) -> str:
+    if not rec.too_long:
+        return ""
+    return "left out (every example of a split they need is over model.max_length): " + ", ".join(
+        rec.too_long
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from merit.data.artifact import DataRecord, data_table
+from merit.data.artifact import DataRecord, data_table, overlong_line, too_long_line
 from merit.graph import STAGES, Context, Stage
 
 READS = ("seed", "model", "data")
@@ -36,7 +36,7 @@ def build(ctx: Context, _inputs: dict) -> DataRecord:
     """Load, split and tokenize the mixture (splits, counts, tokens)."""
     train = ctx.encoded("train")
     mixture = ctx.mixture
-    return DataRecord(
+    rec = DataRecord(
         settings=ctx.cfg.settings(*READS),
         base_fingerprint=ctx.base.fingerprint,
         datasets=[_row(d, train[d.name], ctx.cfg) for d in mixture.datasets],
@@ -49,6 +49,11 @@ def build(ctx: Context, _inputs: dict) -> DataRecord:
         dropped=mixture.dropped,
         too_long=mixture.too_long,
     )
+    # Said by every command that builds it (merit demo prints no table): nothing cut unsaid.
+    for line in (overlong_line(rec), too_long_line(rec)):
+        if line:
+            ctx.say(line)
+    return rec
 
 
 STAGE = STAGES.register(

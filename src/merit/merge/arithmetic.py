@@ -172,6 +172,11 @@ class MergeTerms:
         branches = [specs[name] for specs in self.branch_specs]
         return [self.base_specs[name], *branches] if uses_base else branches
 
+    def drop(self, name: str) -> None:
+        """Tensor ``name`` is written: its inputs' mapped pages may leave memory."""
+        for spec in (self.base_specs[name], *(specs[name] for specs in self.branch_specs)):
+            self.mapped.drop(spec)
+
     def sources(self, name: str) -> list[tuple[TensorSpec, float]]:
         """(spec, coefficient) of each summand of a linear combination, θ0 first if it takes
         part."""

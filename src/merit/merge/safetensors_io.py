@@ -8,6 +8,7 @@ place from memory maps (:class:`MappedFiles`) and write an output file before it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -189,6 +190,18 @@ class MappedFiles:
 
     def raw(self, spec: TensorSpec) -> memoryview:
         return memoryview(self._map(spec.file))[spec.start : spec.end]
+
+    def drop(self, spec: TensorSpec) -> None:
+        """Unmap the pages of a tensor that is done with (MADV_DONTNEED): the page cache keeps
+        them, but they leave this process's resident set, so a merge of K branches does not
+        grow by K checkpoints of mapped pages. A later read faults them in again from the file
+        (nothing was written to them), so an early drop costs time, never correctness."""
+        m = self._maps.get(spec.file)
+        if m is None or spec.numel == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = spec.start - spec.start % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            m.madvise(mmap.MADV_DONTNEED, start, min(spec.end, len(m)) - start)
 
     def release(self) -> None:
         # Unmapping is left to the garbage collector: an explicit close() raises while a view

@@ -219,6 +219,10 @@ def _write_shard(
             for future in terms.pieces(name, dtype, pool):
                 window.append(future)
                 _drain(window, limit, out, terms, bar)
+            # Runs once every chunk before it is written: then the inputs may leave memory.
+            done: Future = Future()
+            done.set_result(functools.partial(terms.drop, name))
+            window.append(done)
         _drain(window, 0, out, terms, bar)
     except BaseException:
         for future in window:
@@ -234,6 +238,9 @@ def _drain(
     """Hand the oldest results to the writer until at most ``limit`` are in flight."""
     while len(window) > limit:
         piece = window.popleft().result()
+        if callable(piece):  # a tensor's last chunk is out
+            piece()
+            continue
         if isinstance(piece, tuple):  # a merged chunk and the buffer holding it
             data, buffer = piece[0].view(torch.uint8).numpy(), piece[1]
             out.write(data, release=functools.partial(terms.recycle, buffer))
