@@ -29,21 +29,14 @@ from pathlib import Path
 
 import yaml
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "stone",
-    "cloud",
-    "tiger",
-    "lemon",
-    "piano",
-    "ocean",
-    "maple",
-    "rocket",
-]
+# Common English words: about one token each, as in real instructions.
+_TEXT = (
+    "the of and to in is you that it he was for on are as with his they at be this from "
+    "have or by one had not but what all were when we there can an your which their said "
+    "if do will each about how up out them then she many some so these would other into "
+    "has more her two like him see time could no make than first been its who now people"
+)
+WORDS = _TEXT.split()
 
 REFERENCE = r"""
 import sys, datasets
