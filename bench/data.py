@@ -3,7 +3,7 @@
     python bench/data.py [--records 1000000] [--datasets 200] [--model smollm2-135m-instruct]
 
 Writes a JSONL mixture (`--records` prompt/completion records over `--datasets` files, prompt
-and answer lengths drawn per record: about 1 KB a record, 1 GB for a million), then times, each in a fresh process under
+and answer lengths drawn per record: about 0.7 KB a record, 0.7 GiB for a million), then times, each in a fresh process under
 `/usr/bin/time -v` (wall clock and peak RSS):
 
 * `merit data CONFIG`: load, hash, split, apply `data.overlong`, tokenize the training split;
