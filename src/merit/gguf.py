@@ -189,6 +189,12 @@ def _gguf_args(gguf_file: Path) -> tuple[str, str]:
     return str(gguf_file.parent), str(gguf_file.resolve())
 
 
+def _unloadable(gguf_file: Path, arch: str, e: Exception) -> ModelSourceError:
+    return ModelSourceError(
+        f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
+    )
+
+
 def _load_tokenizer(gguf_file: Path, arch: str):
     from transformers import AutoTokenizer
 
@@ -196,13 +202,12 @@ def _load_tokenizer(gguf_file: Path, arch: str):
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
-        raise ModelSourceError(
-            f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
-        ) from e
+        raise _unloadable(gguf_file, arch, e) from e
 
 
-def _dense_config(gguf_file: Path, arch: str, tokenizer):
-    """θ0's config as a plain float32 model's: no quantization entry, the GGUF's token ids."""
+def _dense_model(gguf_file: Path, arch: str, tokenizer):
+    """θ0 on the meta device, its config a plain float32 model's: no quantization entry, the
+    GGUF's token ids, the class name (what from_pretrained, vLLM and lm-eval read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -210,28 +215,26 @@ def _dense_config(gguf_file: Path, arch: str, tokenizer):
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
-        raise ModelSourceError(
-            f"{gguf_file}: transformers cannot load this GGUF (architecture {arch!r}: {one_line(e)})"
-        ) from e
+        raise _unloadable(gguf_file, arch, e) from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # The GGUF's tokenizer ids are the truth; llama's config class defaults would otherwise leak in.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key, None))
     config.dtype = torch.float32
-    with torch.device("meta"):  # what from_pretrained, vLLM and lm-eval read to pick the class
-        config.architectures = [type(AutoModelForCausalLM.from_config(config)).__name__]
-    return config
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    meta.config.architectures = [type(meta).__name__]
+    return meta
 
 
-def _hf_tensors(gguf_file: Path, arch: str, config, progress: bool):
+def _hf_tensors(gguf_file: Path, arch: str, meta, progress: bool):
     """(name, float32 tensor) of θ0 in Hugging Face names, one tensor at a time: transformers'
-    own name map and per-architecture fix-ups (llama's q/k un-permuted), on a meta model."""
+    own name map and per-architecture fix-ups (llama's q/k un-permuted) for the meta model."""
     import numpy as np
     import torch
     from gguf import GGUFReader, dequantize
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -241,12 +244,10 @@ def _hf_tensors(gguf_file: Path, arch: str, config, progress: bool):
 
     parsed = load_gguf_checkpoint(str(gguf_file.resolve()), return_tensors=False)
     parsed["tensors"] = {}  # where some processors put what they assemble themselves
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     mapping = get_gguf_hf_weights_map(meta, processor)
     expected = set(meta.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(meta.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")  # tied: from_pretrained ties it to the embeddings
     reader = GGUFReader(gguf_file)
     for t in tqdm(reader.tensors, desc="GGUF tensors", disable=not progress, leave=False):
@@ -271,24 +272,24 @@ def _write_weights(tensors, out: Path) -> int:
     else numbered shards and their index, as ``save_pretrained`` writes them); parameters."""
     from safetensors.torch import save_file
 
-    shards: list[dict] = [{}]
-    sizes, params, files = [0], 0, []
+    files: list[tuple[Path, list[str]]] = []
 
-    def flush() -> None:
+    def flush(shard: dict) -> None:
         path = out / f".shard-{len(files):05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt"})
-        files.append((path, list(shards[-1])))
-        shards[-1] = {}
-        sizes[-1] = 0
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append((path, list(shard)))
 
+    shard: dict = {}
+    size = total = params = 0
     for key, tensor in tensors:
-        if sizes[-1] and sizes[-1] + tensor.nbytes > _SHARD_BYTES:
-            flush()
-        shards[-1][key] = tensor
-        sizes[-1] += tensor.nbytes
+        if shard and size + tensor.nbytes > _SHARD_BYTES:
+            flush(shard)
+            shard, size = {}, 0
+        shard[key] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
         params += tensor.numel()
-    flush()
-    total = sum(f.stat().st_size for f, _ in files)
+    flush(shard)
     if len(files) == 1:
         files[0][0].rename(out / "model.safetensors")
         return params
@@ -314,10 +315,11 @@ def _write_hf_folder(gguf_file: Path, out: Path, arch: str, source: dict, progre
     ):
         bar.set_postfix_str(steps[0])
         tokenizer = _load_tokenizer(gguf_file, arch)
-        config = _dense_config(gguf_file, arch, tokenizer)
+        meta = _dense_model(gguf_file, arch, tokenizer)
+        config = meta.config
         bar.update()
         bar.set_postfix_str(steps[1])
-        params = _write_weights(_hf_tensors(gguf_file, arch, config, progress), out)
+        params = _write_weights(_hf_tensors(gguf_file, arch, meta, progress), out)
         bar.update()
         bar.set_postfix_str(steps[2])
         config.save_pretrained(out)

@@ -22,7 +22,7 @@ from merit.config import ConfigError, RunConfig, changed_keys
 from merit.errors import StageError
 from merit.lm import Base, Encoded, cache_dir
 from merit.registry import Registry
-from merit.run import Run, RunPaths, record_peak_memory, record_timing
+from merit.run import Run, RunPaths, record_timing
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,7 @@ class Executor:
     def _record_time(self, name: str, seconds: float) -> None:
         run = self.ctx.run
         run.timings[name] = run.timings.get(name, 0.0) + seconds
-        record_timing(run, name, run.timings[name])
-        record_peak_memory(run, name)
+        record_timing(run, name, run.timings[name], peak=True)
 
 
 def _load(stage: Stage, path: Path) -> Artifact | None:

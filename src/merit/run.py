@@ -161,26 +161,24 @@ class Run:
         print(f"[merit] {msg}", file=sys.stderr, flush=True)
 
 
-def record_timing(run: Run, name: str, seconds: float | dict) -> None:
-    """A stage's seconds (or a record such as the overhead) into ``timings.json``."""
+def record_timing(run: Run, name: str, seconds: float | dict, peak: bool = False) -> None:
+    """A stage's seconds (or a record such as the overhead) into ``timings.json``; with
+    ``peak``, also the process's and its largest child's peak resident memory (GB) as it ends,
+    under ``peak_rss_gb``: both only ever rise, so the stage whose figure first reaches the
+    run's peak is the one that sets it."""
     path = run.paths.timings
     timings = read_json(path) if path.is_file() else {}
     timings[name] = seconds
+    if peak:
+        timings.setdefault("peak_rss_gb", {})[name] = peak_memory()
     write_json(path, timings)
 
 
-def record_peak_memory(run: Run, name: str) -> dict[str, float]:
-    """Peak resident memory (GB) of this process and of its largest child process, as stage
-    ``name`` ends, into ``timings.json["peak_rss_gb"]``: both only ever rise, so the stage
-    whose figure first reaches the run's peak is the one that sets it."""
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory so far (GB) of this process and of its largest child process."""
     import resource
 
     def gb(who: int) -> float:
         return round(resource.getrusage(who).ru_maxrss / 2**20, 2)  # Linux: KiB
 
-    peak = {"process": gb(resource.RUSAGE_SELF), "children": gb(resource.RUSAGE_CHILDREN)}
-    path = run.paths.timings
-    timings = read_json(path) if path.is_file() else {}
-    timings.setdefault("peak_rss_gb", {})[name] = peak
-    write_json(path, timings)
-    return peak
+    return {"process": gb(resource.RUSAGE_SELF), "children": gb(resource.RUSAGE_CHILDREN)}

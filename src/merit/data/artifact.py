@@ -78,14 +78,11 @@ def overlong_line(rec: DataRecord) -> str:
     if not rows:
         return ""
     o = rows[0][1]
-
-    def counts(x: dict) -> dict:
-        return {k: n for k, n in x["splits"].items() if k != "emptied"}
-
     per = ", ".join(
-        f"{name} {' + '.join(f'{n} {split}' for split, n in counts(x).items())}" for name, x in rows
+        f"{name} {' + '.join(f'{n} {split}' for split, n in x['splits'].items())}"
+        for name, x in rows
     )
-    total = sum(n for _, x in rows for n in counts(x).values())
+    total = sum(n for _, x in rows for n in x["splits"].values())
     return (
         f"{total} example(s) over model.max_length={o['max_length']} tokens, "
         f"{_DONE[o['action']]} (data.overlong={o['action']}): {per}"

@@ -39,6 +39,11 @@ def stratified_sample(per_dataset: dict[str, Sequence[T]], n: int, seed: int) ->
 _TRAINED = ("calibration", "validation", "train")
 
 
+def _emptied(old: MixtureDataset, new: MixtureDataset) -> bool:
+    """Whether dropping overlong examples left a split of ``old`` that had some with none."""
+    return any(old.splits[split] and not new.splits[split] for split in new.overlong)
+
+
 class Corpus:
     """The mixture of a run (BIG-bench resolved first, if used) and its tokenized splits."""
 
@@ -69,8 +74,10 @@ class Corpus:
             else:
                 fit = [self._fit(d, base, trained=True) for d in raw.datasets]
                 unseen = [self._fit(d, base, trained=False) for d in raw.unseen]
-                # A dataset with a split left empty cannot be calibrated, trained or scored.
-                out = sorted(d.name for d in fit + unseen if d.overlong.get("emptied"))
+                # A dataset with a split that dropping left empty cannot be calibrated, trained
+                # or scored: it is left out.
+                pairs = zip(raw.datasets + raw.unseen, fit + unseen)
+                out = sorted(new.name for old, new in pairs if _emptied(old, new))
                 self._fitted = replace(
                     raw, datasets=[d for d in fit if d.name not in out],
                     unseen=[d for d in unseen if d.name not in out], too_long=out,
@@ -79,8 +86,7 @@ class Corpus:
 
     def _fit(self, d: MixtureDataset, base: Base, trained: bool) -> MixtureDataset:
         """``d`` with its examples over ``model.max_length`` refused, dropped or kept to be
-        truncated (``data.overlong``), counted per split; ``overlong["emptied"]`` names a split
-        that dropping left empty (the dataset is then left out of the mixture)."""
+        truncated (``data.overlong``), counted per split."""
         limit, policy = self.cfg.model.max_length, self.cfg.data.overlong
         splits, over = dict(d.splits), {}
         for split in (*_TRAINED, "eval") if trained else ("eval",):
@@ -102,8 +108,6 @@ class Corpus:
             if bad:
                 over[split] = len(bad)
                 splits[split] = [splits[split][i] for i in keep]
-            if not splits[split] and examples:
-                over["emptied"] = split
             if split != "eval":  # kept: what training reads (uncut, or cut to the budget)
                 if bad and policy == "truncate":
                     enc = self.encode(examples, base)

@@ -37,8 +37,7 @@ class MixtureDataset:
     data: LoadedDataset
     splits: dict[str, list[int]]  # split name -> example indices into data.examples
     file_hash: str = ""
-    # split -> examples over max_length; "emptied" -> a split dropping left empty
-    overlong: dict = field(default_factory=dict)
+    overlong: dict[str, int] = field(default_factory=dict)  # split -> examples over max_length
 
     @property
     def name(self) -> str:
@@ -436,12 +435,10 @@ def encode(
     return encode_segments(tokenizer, segments(tokenizer, examples, loss_on), max_length)
 
 
-def token_lengths(
-    tokenizer, examples: Sequence[Example], loss_on: str = "final", choices: bool = False
-) -> list[int]:
-    """Each example's tokens uncut, tokenized as training tokenizes it (with ``choices``, its
-    longest multiple-choice option as the answer, as scoring reads it)."""
-    segs = segments(tokenizer, examples, loss_on)
+def token_lengths(tokenizer, examples: Sequence[Example], choices: bool = False) -> list[int]:
+    """Each example's tokens uncut, as scoring reads it (with ``choices``, its longest
+    multiple-choice option as the answer)."""
+    segs = segments(tokenizer, examples)
     sizes = [len(e.input_ids) for e in encode_segments(tokenizer, segs, sys.maxsize)]
     if choices:
         for i, ex in enumerate(examples):
